@@ -31,26 +31,38 @@ pub struct WriteLog {
 impl CrashDevice {
     /// Starts logging on top of `initial` contents.
     pub fn new(initial: Vec<u8>) -> Self {
-        Self { live: MemDevice::from_bytes(initial.clone()), initial, log: Mutex::new(Vec::new()) }
+        Self {
+            live: MemDevice::from_bytes(initial.clone()),
+            initial,
+            log: Mutex::new(Vec::new()),
+        }
     }
 
     /// Number of writes so far.
     pub fn writes(&self) -> usize {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.iter().filter(|e| matches!(e, Event::Write { .. })).count()
+        log.iter()
+            .filter(|e| matches!(e, Event::Write { .. }))
+            .count()
     }
 
     /// Everything logged so far.
     pub fn log(&self) -> WriteLog {
         let events = self.log.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        WriteLog { initial: self.initial.clone(), events }
+        WriteLog {
+            initial: self.initial.clone(),
+            events,
+        }
     }
 }
 
 impl WriteLog {
     /// Number of writes in the log.
     pub fn writes(&self) -> usize {
-        self.events.iter().filter(|e| matches!(e, Event::Write { .. })).count()
+        self.events
+            .iter()
+            .filter(|e| matches!(e, Event::Write { .. }))
+            .count()
     }
 
     /// The device as it would be after power was cut just before write number `n`, with
@@ -96,12 +108,18 @@ impl BlockDevice for CrashDevice {
         // The log lock orders the write with respect to flushes.
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         self.live.write_at(buf, offset)?;
-        log.push(Event::Write { offset, data: buf.to_vec() });
+        log.push(Event::Write {
+            offset,
+            data: buf.to_vec(),
+        });
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).push(Event::Flush);
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Event::Flush);
         Ok(())
     }
 

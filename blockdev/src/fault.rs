@@ -28,13 +28,19 @@ pub struct FaultyDevice {
 impl FaultyDevice {
     /// A device that fails from I/O number `limit` on (`u64::MAX`: never).
     pub fn new(inner: Arc<dyn BlockDevice>, limit: u64, mode: FaultMode) -> Self {
-        Self { inner, limit: AtomicU64::new(limit), count: AtomicU64::new(0), mode }
+        Self {
+            inner,
+            limit: AtomicU64::new(limit),
+            count: AtomicU64::new(0),
+            mode,
+        }
     }
 
     /// Moves the failure point: I/O number `limit` from now on fails.
     pub fn fail_after(&self, ios_from_now: u64) {
         let now = self.count.load(Ordering::SeqCst);
-        self.limit.store(now.saturating_add(ios_from_now), Ordering::SeqCst);
+        self.limit
+            .store(now.saturating_add(ios_from_now), Ordering::SeqCst);
     }
 
     /// How many I/Os were attempted.

@@ -62,7 +62,10 @@ impl FileDevice {
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is neither a regular file nor a block device", path.display()),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         };
         Ok(Self {
@@ -74,6 +77,36 @@ impl FileDevice {
             read_only: opts.read_only,
             rmw: Mutex::new(()),
         })
+    }
+
+    /// Takes an exclusive advisory lock on the device, waiting up to `wait` for another
+    /// holder (a daemon still committing after unmount) to let go. Held until drop.
+    pub fn lock_exclusive(&self, wait: std::time::Duration) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock only takes the descriptor and flags; the fd is open.
+            let rc = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK)
+                || std::time::Instant::now() >= deadline
+            {
+                return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!(
+                            "{} is in use by another nearfs process",
+                            self.path.display()
+                        ),
+                    )
+                } else {
+                    err
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Path the device was opened from.
@@ -117,7 +150,10 @@ impl BlockDevice for FileDevice {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.read_only {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "device opened read-only"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device opened read-only",
+            ));
         }
         check_range(offset, buf.len(), self.len)?;
         if !self.direct || Self::is_aligned(buf, offset) {
@@ -198,7 +234,10 @@ mod tests {
         assert_eq!(&buf, b"\0hello\0");
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
-        assert!(FileDevice::create_image(&path, 1 << 20).is_err(), "create must not clobber");
+        assert!(
+            FileDevice::create_image(&path, 1 << 20).is_err(),
+            "create must not clobber"
+        );
     }
 
     #[test]
@@ -215,7 +254,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.img");
         drop(FileDevice::create_image(&path, 1 << 20).unwrap());
-        let opts = OpenOptions { direct: true, read_only: false };
+        let opts = OpenOptions {
+            direct: true,
+            read_only: false,
+        };
         let dev = match FileDevice::open(&path, opts) {
             Ok(d) => d,
             // tmpfs has no O_DIRECT; nothing to test there.

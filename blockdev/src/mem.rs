@@ -19,7 +19,9 @@ impl MemDevice {
 
     /// A device holding exactly `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { bytes: RwLock::new(bytes) }
+        Self {
+            bytes: RwLock::new(bytes),
+        }
     }
 
     /// A copy of the device's contents.

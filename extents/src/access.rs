@@ -20,12 +20,20 @@ pub struct Creds {
 impl Creds {
     /// The superuser.
     pub fn root() -> Self {
-        Self { uid: 0, gid: 0, groups: Vec::new() }
+        Self {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
     }
 
     /// A user with no supplementary groups.
     pub fn user(uid: u32, gid: u32) -> Self {
-        Self { uid, gid, groups: Vec::new() }
+        Self {
+            uid,
+            gid,
+            groups: Vec::new(),
+        }
     }
 
     pub fn is_root(&self) -> bool {
@@ -91,7 +99,11 @@ mod tests {
     use crate::format::S_IFREG;
 
     fn file(mode: u32, uid: u32, gid: u32) -> Owner {
-        Owner { mode: S_IFREG | mode, uid, gid }
+        Owner {
+            mode: S_IFREG | mode,
+            uid,
+            gid,
+        }
     }
 
     #[test]
@@ -101,27 +113,47 @@ mod tests {
         // The group class is chosen, and it has no bits: no fallback to "other".
         assert!(!permits(&Creds::user(11, 20), o, MAY_READ));
         assert!(permits(&Creds::user(12, 30), o, MAY_READ));
-        let member = Creds { uid: 11, gid: 1, groups: vec![5, 20] };
+        let member = Creds {
+            uid: 11,
+            gid: 1,
+            groups: vec![5, 20],
+        };
         assert!(!permits(&member, file(0o004, 10, 20), MAY_READ));
         assert!(permits(&member, file(0o040, 10, 20), MAY_READ));
     }
 
     #[test]
     fn root_needs_an_exec_bit_to_execute_files_only() {
-        assert!(permits(&Creds::root(), file(0o000, 1, 1), MAY_READ | MAY_WRITE));
+        assert!(permits(
+            &Creds::root(),
+            file(0o000, 1, 1),
+            MAY_READ | MAY_WRITE
+        ));
         assert!(!permits(&Creds::root(), file(0o600, 1, 1), MAY_EXEC));
         assert!(permits(&Creds::root(), file(0o010, 1, 1), MAY_EXEC));
-        let dir = Owner { mode: S_IFDIR, uid: 1, gid: 1 };
+        let dir = Owner {
+            mode: S_IFDIR,
+            uid: 1,
+            gid: 1,
+        };
         assert!(permits(&Creds::root(), dir, MAY_EXEC));
     }
 
     #[test]
     fn sticky_directories_protect_other_users_files() {
-        let dir = Owner { mode: S_IFDIR | 0o1777, uid: 0, gid: 0 };
+        let dir = Owner {
+            mode: S_IFDIR | 0o1777,
+            uid: 0,
+            gid: 0,
+        };
         let theirs = file(0o644, 20, 20);
         assert_eq!(may_delete(&Creds::user(10, 10), dir, theirs), Err(false));
         assert_eq!(may_delete(&Creds::user(20, 20), dir, theirs), Ok(()));
-        let plain = Owner { mode: S_IFDIR | 0o755, uid: 0, gid: 0 };
+        let plain = Owner {
+            mode: S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+        };
         assert_eq!(may_delete(&Creds::user(20, 20), plain, theirs), Err(true));
     }
 }

@@ -58,7 +58,10 @@ impl Allocator {
 
     /// Iterates over the free runs in device order.
     pub fn runs(&self) -> impl Iterator<Item = Run> + '_ {
-        self.by_start.iter().map(|(&s, &l)| Run { start: DevBlock(s), len: l })
+        self.by_start.iter().map(|(&s, &l)| Run {
+            start: DevBlock(s),
+            len: l,
+        })
     }
 
     fn insert(&mut self, start: u64, len: u64) {
@@ -102,7 +105,10 @@ impl Allocator {
         {
             let take = left.min(s + l - goal.0);
             self.carve(s, goal.0, take);
-            out.push(Run { start: goal, len: take });
+            out.push(Run {
+                start: goal,
+                len: take,
+            });
             left -= take;
         }
         // 2. Best fit for the rest; 3. otherwise the largest runs first.
@@ -113,7 +119,10 @@ impl Allocator {
             };
             let take = left.min(len);
             self.carve(start, start, take);
-            out.push(Run { start: DevBlock(start), len: take });
+            out.push(Run {
+                start: DevBlock(start),
+                len: take,
+            });
             left -= take;
         }
         out
@@ -168,7 +177,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn run(s: u64, l: u64) -> Run {
-        Run { start: DevBlock(s), len: l }
+        Run {
+            start: DevBlock(s),
+            len: l,
+        }
     }
 
     #[test]

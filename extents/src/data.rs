@@ -50,8 +50,13 @@ impl Fs {
         let end = i.size.min(offset.saturating_add(u64::from(len)));
         let mut out = vec![0u8; (end - offset) as usize];
         let first = offset / BLOCK_SIZE;
-        for seg in i.extents.segments(FileBlock(first), blocks_for(end) - first) {
-            let Backing::Written(dev) = seg.backing else { continue };
+        for seg in i
+            .extents
+            .segments(FileBlock(first), blocks_for(end) - first)
+        {
+            let Backing::Written(dev) = seg.backing else {
+                continue;
+            };
             let (s, e) = seg_bytes(&seg);
             let (lo, hi) = (s.max(offset), e.min(end));
             let buf = &mut out[(lo - offset) as usize..(hi - offset) as usize];
@@ -69,7 +74,9 @@ impl Fs {
         if data.is_empty() {
             return Ok(0);
         }
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::FileTooBig)?;
         if end > MAX_FILE_SIZE {
             return Err(FsError::FileTooBig);
         }
@@ -79,14 +86,32 @@ impl Fs {
         })
     }
 
-    fn write_locked(&self, st: &mut State, cr: &Creds, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
+    fn write_locked(
+        &self,
+        st: &mut State,
+        cr: &Creds,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize> {
         let end = offset + data.len() as u64;
-        let State { inodes, alloc, dirty_inodes, .. } = st;
+        let State {
+            inodes,
+            alloc,
+            dirty_inodes,
+            ..
+        } = st;
         let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
         regular(i)?;
         let first = offset / BLOCK_SIZE;
-        let segs = i.extents.segments(FileBlock(first), blocks_for(end) - first);
-        let need: u64 = segs.iter().filter(|s| s.backing == Backing::Hole).map(|s| s.len).sum();
+        let segs = i
+            .extents
+            .segments(FileBlock(first), blocks_for(end) - first);
+        let need: u64 = segs
+            .iter()
+            .filter(|s| s.backing == Backing::Hole)
+            .map(|s| s.len)
+            .sum();
         if need > alloc.free_blocks() {
             return Err(FsError::NoSpace);
         }
@@ -149,7 +174,11 @@ impl Fs {
         let mut file = seg.file.0;
         let mut failed = None;
         for run in &runs {
-            let piece = Segment { file: FileBlock(file), len: run.len, backing: Backing::Hole };
+            let piece = Segment {
+                file: FileBlock(file),
+                len: run.len,
+                backing: Backing::Hole,
+            };
             if failed.is_none() && !unwritten {
                 let (s, e) = seg_bytes(&piece);
                 let src_end = lo + src.len() as u64;
@@ -164,7 +193,12 @@ impl Fs {
                 }
             }
             if failed.is_none() {
-                map.insert(Extent { file: FileBlock(file), dev: run.start, len: run.len, unwritten });
+                map.insert(Extent {
+                    file: FileBlock(file),
+                    dev: run.start,
+                    len: run.len,
+                    unwritten,
+                });
             } else {
                 // Never referenced by any metadata: safe to reuse at once.
                 let _ = alloc.release(*run);
@@ -207,7 +241,8 @@ impl Fs {
             if let Backing::Written(dev) = seg.backing {
                 let (s, e) = seg_bytes(&seg);
                 let (a, b) = (s.max(lo), e.min(hi));
-                self.dev.write_at(&vec![0u8; (b - a) as usize], dev.byte_offset() + (a - s))?;
+                self.dev
+                    .write_at(&vec![0u8; (b - a) as usize], dev.byte_offset() + (a - s))?;
             }
         }
         Ok(())
@@ -228,15 +263,31 @@ impl Fs {
         if len == 0 {
             return Err(FsError::Invalid("fallocate length is zero"));
         }
-        let end = offset.checked_add(len).filter(|&e| e <= MAX_FILE_SIZE).ok_or(FsError::FileTooBig)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooBig)?;
         self.retry_on_space(|| {
             let mut st = lock_write(&self.state);
             self.fallocate_locked(&mut st, ino, offset, end, mode)
         })
     }
 
-    fn fallocate_locked(&self, st: &mut State, ino: Ino, offset: u64, end: u64, mode: u32) -> Result<()> {
-        let State { inodes, alloc, dirty_inodes, pending_free, .. } = st;
+    fn fallocate_locked(
+        &self,
+        st: &mut State,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        mode: u32,
+    ) -> Result<()> {
+        let State {
+            inodes,
+            alloc,
+            dirty_inodes,
+            pending_free,
+            ..
+        } = st;
         let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
         regular(i)?;
         dirty_inodes.insert(ino.0);
@@ -256,13 +307,26 @@ impl Fs {
         }
         if mode & FALLOC_FL_PUNCH_HOLE == 0 {
             let first = offset / BLOCK_SIZE;
-            let segs = i.extents.segments(FileBlock(first), blocks_for(end) - first);
-            let need: u64 = segs.iter().filter(|s| s.backing == Backing::Hole).map(|s| s.len).sum();
+            let segs = i
+                .extents
+                .segments(FileBlock(first), blocks_for(end) - first);
+            let need: u64 = segs
+                .iter()
+                .filter(|s| s.backing == Backing::Hole)
+                .map(|s| s.len)
+                .sum();
             if need > alloc.free_blocks() {
                 return Err(FsError::NoSpace);
             }
             for seg in segs.iter().filter(|s| s.backing == Backing::Hole) {
-                self.fill_hole(&mut i.extents, alloc, seg, seg.file.0 * BLOCK_SIZE, &[], true)?;
+                self.fill_hole(
+                    &mut i.extents,
+                    alloc,
+                    seg,
+                    seg.file.0 * BLOCK_SIZE,
+                    &[],
+                    true,
+                )?;
             }
             if mode & FALLOC_FL_KEEP_SIZE == 0 && end > i.size {
                 i.size = end;
@@ -286,9 +350,15 @@ impl Fs {
             SEEK_DATA => {
                 let at = i.extents.next_data(blk).ok_or(FsError::NoData)?;
                 let pos = offset.max(at.0 * BLOCK_SIZE);
-                if pos >= i.size { Err(FsError::NoData) } else { Ok(pos) }
+                if pos >= i.size {
+                    Err(FsError::NoData)
+                } else {
+                    Ok(pos)
+                }
             }
-            SEEK_HOLE => Ok(offset.max(i.extents.next_hole(blk).0 * BLOCK_SIZE).min(i.size)),
+            SEEK_HOLE => Ok(offset
+                .max(i.extents.next_hole(blk).0 * BLOCK_SIZE)
+                .min(i.size)),
             _ => Err(FsError::Invalid("whence")),
         }
     }

@@ -50,10 +50,20 @@ impl ExtentMap {
             if e.len == 0 || e.file.0.checked_add(e.len).is_none() {
                 return None;
             }
-            if m.segments(e.file, e.len).iter().any(|s| s.backing != Backing::Hole) {
+            if m.segments(e.file, e.len)
+                .iter()
+                .any(|s| s.backing != Backing::Hole)
+            {
                 return None;
             }
-            m.map.insert(e.file.0, Mapping { dev: e.dev.0, len: e.len, unwritten: e.unwritten });
+            m.map.insert(
+                e.file.0,
+                Mapping {
+                    dev: e.dev.0,
+                    len: e.len,
+                    unwritten: e.unwritten,
+                },
+            );
         }
         Some(m)
     }
@@ -99,17 +109,33 @@ impl ExtentMap {
             .map_or(start.0, |(f, _)| *f);
         for (&f, m) in self.map.range(first..end) {
             if f > pos {
-                out.push(Segment { file: FileBlock(pos), len: f - pos, backing: Backing::Hole });
+                out.push(Segment {
+                    file: FileBlock(pos),
+                    len: f - pos,
+                    backing: Backing::Hole,
+                });
                 pos = f;
             }
             let seg_end = (f + m.len).min(end);
             let dev = DevBlock(m.dev + (pos - f));
-            let backing = if m.unwritten { Backing::Unwritten(dev) } else { Backing::Written(dev) };
-            out.push(Segment { file: FileBlock(pos), len: seg_end - pos, backing });
+            let backing = if m.unwritten {
+                Backing::Unwritten(dev)
+            } else {
+                Backing::Written(dev)
+            };
+            out.push(Segment {
+                file: FileBlock(pos),
+                len: seg_end - pos,
+                backing,
+            });
             pos = seg_end;
         }
         if pos < end {
-            out.push(Segment { file: FileBlock(pos), len: end - pos, backing: Backing::Hole });
+            out.push(Segment {
+                file: FileBlock(pos),
+                len: end - pos,
+                backing: Backing::Hole,
+            });
         }
         out
     }
@@ -123,8 +149,19 @@ impl ExtentMap {
 
     /// Maps a hole `[e.file, e.file + e.len)` to `e.dev`. The range must be a hole.
     pub fn insert(&mut self, e: Extent) {
-        debug_assert!(self.segments(e.file, e.len).iter().all(|s| s.backing == Backing::Hole));
-        self.map.insert(e.file.0, Mapping { dev: e.dev.0, len: e.len, unwritten: e.unwritten });
+        debug_assert!(
+            self.segments(e.file, e.len)
+                .iter()
+                .all(|s| s.backing == Backing::Hole)
+        );
+        self.map.insert(
+            e.file.0,
+            Mapping {
+                dev: e.dev.0,
+                len: e.len,
+                unwritten: e.unwritten,
+            },
+        );
         self.merge_around(e.file.0);
     }
 
@@ -136,7 +173,10 @@ impl ExtentMap {
         let keys: Vec<u64> = self.map.range(start.0..end).map(|(&f, _)| f).collect();
         keys.into_iter()
             .filter_map(|f| self.map.remove(&f))
-            .map(|m| Run { start: DevBlock(m.dev), len: m.len })
+            .map(|m| Run {
+                start: DevBlock(m.dev),
+                len: m.len,
+            })
             .collect()
     }
 
@@ -159,7 +199,9 @@ impl ExtentMap {
 
     /// First block at or after `from` holding written data.
     pub fn next_data(&self, from: FileBlock) -> Option<FileBlock> {
-        self.segments_from(from).find(|s| matches!(s.backing, Backing::Written(_))).map(|s| s.file)
+        self.segments_from(from)
+            .find(|s| matches!(s.backing, Backing::Written(_)))
+            .map(|s| s.file)
     }
 
     /// First block at or after `from` that holds no written data.
@@ -185,20 +227,37 @@ impl ExtentMap {
         self.map.range(first..).map(move |(&f, m)| {
             let pos = f.max(from.0);
             let dev = DevBlock(m.dev + (pos - f));
-            let backing = if m.unwritten { Backing::Unwritten(dev) } else { Backing::Written(dev) };
-            Segment { file: FileBlock(pos), len: f + m.len - pos, backing }
+            let backing = if m.unwritten {
+                Backing::Unwritten(dev)
+            } else {
+                Backing::Written(dev)
+            };
+            Segment {
+                file: FileBlock(pos),
+                len: f + m.len - pos,
+                backing,
+            }
         })
     }
 
     /// Splits the extent containing `at` (if any) so that an extent starts at `at`.
     fn split_at(&mut self, at: u64) {
-        let Some((&f, &m)) = self.map.range(..at).next_back() else { return };
+        let Some((&f, &m)) = self.map.range(..at).next_back() else {
+            return;
+        };
         if f + m.len <= at {
             return;
         }
         let head = at - f;
         self.map.insert(f, Mapping { len: head, ..m });
-        self.map.insert(at, Mapping { dev: m.dev + head, len: m.len - head, ..m });
+        self.map.insert(
+            at,
+            Mapping {
+                dev: m.dev + head,
+                len: m.len - head,
+                ..m
+            },
+        );
     }
 
     /// Merges the extent at `f` with its neighbours where they continue each other.
@@ -211,7 +270,13 @@ impl ExtentMap {
             && pm.unwritten == m.unwritten
         {
             self.map.remove(&f);
-            self.map.insert(pf, Mapping { len: pm.len + m.len, ..pm });
+            self.map.insert(
+                pf,
+                Mapping {
+                    len: pm.len + m.len,
+                    ..pm
+                },
+            );
             f = pf;
         }
         let Some(&m) = self.map.get(&f) else { return };
@@ -221,7 +286,13 @@ impl ExtentMap {
             && m.unwritten == nm.unwritten
         {
             self.map.remove(&next);
-            self.map.insert(f, Mapping { len: m.len + nm.len, ..m });
+            self.map.insert(
+                f,
+                Mapping {
+                    len: m.len + nm.len,
+                    ..m
+                },
+            );
         }
     }
 }
@@ -231,7 +302,12 @@ mod tests {
     use super::*;
 
     fn ext(file: u64, dev: u64, len: u64) -> Extent {
-        Extent { file: FileBlock(file), dev: DevBlock(dev), len, unwritten: false }
+        Extent {
+            file: FileBlock(file),
+            dev: DevBlock(dev),
+            len,
+            unwritten: false,
+        }
     }
 
     #[test]
@@ -253,13 +329,32 @@ mod tests {
         assert_eq!(
             s,
             vec![
-                Segment { file: FileBlock(0), len: 2, backing: Backing::Hole },
-                Segment { file: FileBlock(2), len: 3, backing: Backing::Written(DevBlock(50)) },
-                Segment { file: FileBlock(5), len: 3, backing: Backing::Hole },
+                Segment {
+                    file: FileBlock(0),
+                    len: 2,
+                    backing: Backing::Hole
+                },
+                Segment {
+                    file: FileBlock(2),
+                    len: 3,
+                    backing: Backing::Written(DevBlock(50))
+                },
+                Segment {
+                    file: FileBlock(5),
+                    len: 3,
+                    backing: Backing::Hole
+                },
             ]
         );
         let s = m.segments(FileBlock(3), 1);
-        assert_eq!(s, vec![Segment { file: FileBlock(3), len: 1, backing: Backing::Written(DevBlock(51)) }]);
+        assert_eq!(
+            s,
+            vec![Segment {
+                file: FileBlock(3),
+                len: 1,
+                backing: Backing::Written(DevBlock(51))
+            }]
+        );
     }
 
     #[test]
@@ -267,17 +362,38 @@ mod tests {
         let mut m = ExtentMap::default();
         m.insert(ext(0, 100, 10));
         let freed = m.remove(FileBlock(3), 4);
-        assert_eq!(freed, vec![Run { start: DevBlock(103), len: 4 }]);
+        assert_eq!(
+            freed,
+            vec![Run {
+                start: DevBlock(103),
+                len: 4
+            }]
+        );
         assert_eq!(m.extents(), vec![ext(0, 100, 3), ext(7, 107, 3)]);
         assert_eq!(m.allocated_blocks(), 6);
         let freed = m.remove(FileBlock(1), u64::MAX);
-        assert_eq!(freed, vec![Run { start: DevBlock(101), len: 2 }, Run { start: DevBlock(107), len: 3 }]);
+        assert_eq!(
+            freed,
+            vec![
+                Run {
+                    start: DevBlock(101),
+                    len: 2
+                },
+                Run {
+                    start: DevBlock(107),
+                    len: 3
+                }
+            ]
+        );
     }
 
     #[test]
     fn written_parts_of_unwritten_extents_split_then_remerge() {
         let mut m = ExtentMap::default();
-        m.insert(Extent { unwritten: true, ..ext(0, 100, 8) });
+        m.insert(Extent {
+            unwritten: true,
+            ..ext(0, 100, 8)
+        });
         m.mark_written(FileBlock(2), 2);
         assert_eq!(m.len(), 3);
         assert_eq!(m.next_data(FileBlock(0)), Some(FileBlock(2)));

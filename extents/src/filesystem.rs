@@ -24,9 +24,7 @@ use blockdev::BlockDevice;
 use crate::alloc::{Allocator, Run};
 use crate::error::{FsError, Result};
 use crate::extent_map::ExtentMap;
-use crate::format::{
-    FORMAT_VERSION, InodeRecord, S_IFDIR, S_IFMT, Superblock, Timestamp,
-};
+use crate::format::{FORMAT_VERSION, InodeRecord, S_IFDIR, S_IFMT, Superblock, Timestamp};
 use crate::meta::{MetaRegion, MetaUsage};
 use crate::store::{self, Batch};
 use crate::types::{BLOCK_SIZE, Ino};
@@ -57,7 +55,10 @@ pub(crate) const FIRST_COOKIE: u64 = 2;
 
 impl Dir {
     pub fn new() -> Self {
-        Self { next_cookie: FIRST_COOKIE, ..Self::default() }
+        Self {
+            next_cookie: FIRST_COOKIE,
+            ..Self::default()
+        }
     }
 
     pub fn insert(&mut self, name: Vec<u8>, child: u64) -> u64 {
@@ -107,7 +108,11 @@ impl Inode {
     }
 
     pub fn owner(&self) -> crate::access::Owner {
-        crate::access::Owner { mode: self.mode, uid: self.uid, gid: self.gid }
+        crate::access::Owner {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+        }
     }
 
     pub fn record(&self) -> InodeRecord {
@@ -125,7 +130,11 @@ impl Inode {
             generation: self.generation,
             parent: self.parent,
             extents: self.extents.extents(),
-            xattrs: self.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            xattrs: self
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             target: self.target.clone(),
         }
     }
@@ -199,12 +208,15 @@ impl State {
     /// Frees an inode once nothing refers to it: no links, no open handle, no kernel
     /// reference.
     pub fn reap(&mut self, ino: Ino) {
-        let Some(i) = self.inodes.get(&ino.0) else { return };
+        let Some(i) = self.inodes.get(&ino.0) else {
+            return;
+        };
         if i.nlink > 0 || i.open > 0 || i.refs.load(Ordering::Relaxed) > 0 || ino == Ino::ROOT {
             return;
         }
         let mut i = self.inodes.remove(&ino.0).expect("checked above");
-        self.pending_free.extend(i.extents.remove(crate::types::FileBlock(0), u64::MAX));
+        self.pending_free
+            .extend(i.extents.remove(crate::types::FileBlock(0), u64::MAX));
         self.dirty_inodes.insert(ino.0);
     }
 
@@ -237,8 +249,10 @@ impl State {
 
     /// Puts a batch that failed to commit back, so that the next commit retries it.
     fn restore_batch(&mut self, batch: Batch, freed: Vec<Run>) {
-        self.dirty_inodes.extend(batch.inodes.into_iter().map(|(ino, _)| ino));
-        self.dirty_dirents.extend(batch.dirents.into_iter().map(|(k, _)| k));
+        self.dirty_inodes
+            .extend(batch.inodes.into_iter().map(|(ino, _)| ino));
+        self.dirty_dirents
+            .extend(batch.dirents.into_iter().map(|(k, _)| k));
         self.pending_free.extend(freed);
     }
 }
@@ -248,7 +262,8 @@ impl State {
 pub struct Fs {
     pub(crate) dev: Arc<dyn BlockDevice>,
     pub(crate) sb: Superblock,
-    db: redb::Database,
+    /// None when mounted read-only.
+    db: Option<redb::Database>,
     pub(crate) state: RwLock<State>,
     commit_lock: Mutex<()>,
     pub(crate) opts: MountOptions,
@@ -263,6 +278,8 @@ pub struct MkfsOptions {
     /// Owner of the root directory.
     pub root_uid: u32,
     pub root_gid: u32,
+    /// Called with (bytes done, bytes total) while the metadata region is zeroed.
+    pub progress: Option<fn(u64, u64)>,
 }
 
 fn random_uuid() -> [u8; 16] {
@@ -293,34 +310,60 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Opens redb on the metadata region. redb's own integrity check runs at every open, so
-/// a damaged region is reported rather than trusted; a panic inside redb on hostile
-/// bytes is caught and reported as corruption too.
-pub(crate) fn open_db(region: MetaRegion, create: bool) -> Result<redb::Database> {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        let mut b = redb::Builder::new();
-        b.set_cache_size(16 << 20);
-        if !create {
-            b.set_check_integrity_on_open(true);
-        }
-        b.create_with_backend(region)
-    }));
-    match result {
+/// Runs a redb open, turning a panic inside redb on hostile bytes into a corruption report
+/// and redb's "not a database" into one too.
+fn guarded<T>(open: impl FnOnce() -> std::result::Result<T, redb::DatabaseError>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
             if e.kind() == std::io::ErrorKind::InvalidData =>
         {
-            Err(FsError::Corrupt { what: format!("metadata region: {e}") })
+            Err(FsError::Corrupt {
+                what: format!("metadata region: {e}"),
+            })
         }
         Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(FsError::Corrupt { what: "metadata region is unreadable".into() }),
+        Err(_) => Err(FsError::Corrupt {
+            what: "metadata region is unreadable".into(),
+        }),
     }
+}
+
+fn builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_cache_size(16 << 20);
+    b
+}
+
+/// Opens (or, with `create`, initialises) redb on the metadata region for writing. redb's
+/// integrity check runs at every open, so a damaged region is reported rather than
+/// trusted; it may complete a commit a crash interrupted.
+pub(crate) fn open_db(region: MetaRegion, create: bool) -> Result<redb::Database> {
+    guarded(move || {
+        let mut b = builder();
+        b.set_check_integrity_on_open(!create);
+        b.create_with_backend(region)
+    })
+}
+
+/// Reads the committed metadata without writing anything; a store that needs recovery
+/// after a crash is refused.
+fn load_read_only(region: MetaRegion) -> Result<store::Snapshot> {
+    let db = guarded(move || builder().open_read_only_with_backend(region)).map_err(|e| match e {
+        FsError::Store(why) => FsError::Store(format!(
+            "{why} (a read-only open cannot recover a store after a crash: mount read-write once)"
+        )),
+        other => other,
+    })?;
+    store::load(&db)
 }
 
 /// Reads and validates the superblock.
 pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
     if dev.len() < BLOCK_SIZE {
-        return Err(FsError::Corrupt { what: "device is smaller than one block".into() });
+        return Err(FsError::Corrupt {
+            what: "device is smaller than one block".into(),
+        });
     }
     let mut block = vec![0u8; BLOCK_SIZE as usize];
     dev.read_at(&mut block, 0)?;
@@ -342,7 +385,7 @@ impl Fs {
         // Invalidate any old superblock first, so an interrupted mkfs leaves no filesystem
         // rather than a half-formatted one.
         dev.write_at(&vec![0u8; BLOCK_SIZE as usize], 0)?;
-        MetaRegion::format(&dev, sb.meta_start.0, sb.meta_blocks)?;
+        MetaRegion::format(&dev, sb.meta_start.0, sb.meta_blocks, opts.progress)?;
         let region = MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks)?;
         let db = open_db(region, true)?;
         let root = InodeRecord {
@@ -375,11 +418,20 @@ impl Fs {
     /// were unlinked while open when the filesystem last stopped).
     pub fn mount(dev: Arc<dyn BlockDevice>, opts: MountOptions) -> Result<Self> {
         let sb = read_superblock(dev.as_ref())?;
-        let region = MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks)
-            .map_err(|e| FsError::Corrupt { what: format!("metadata region: {e}") })?;
+        let region =
+            MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks).map_err(|e| {
+                FsError::Corrupt {
+                    what: format!("metadata region: {e}"),
+                }
+            })?;
         let meta_usage = region.usage();
-        let db = open_db(region, false)?;
-        let snap = store::load(&db)?;
+        let (db, snap) = if opts.read_only {
+            (None, load_read_only(region)?)
+        } else {
+            let db = open_db(region, false)?;
+            let snap = store::load(&db)?;
+            (Some(db), snap)
+        };
         let state = crate::load::build_state(&sb, snap)?;
         let fs = Self {
             dev: dev.clone(),
@@ -431,15 +483,17 @@ impl Fs {
 
     /// Makes every change so far durable (see the module comment for the ordering).
     pub fn commit(&self) -> Result<()> {
-        if self.opts.read_only {
-            return Ok(());
-        }
+        let Some(db) = &self.db else { return Ok(()) };
         let _one_at_a_time = lock(&self.commit_lock);
         let (batch, freed) = lock_write(&self.state).take_batch();
         if batch.is_empty() && freed.is_empty() {
             return self.dev.flush().map_err(FsError::from);
         }
-        let result = self.dev.flush().map_err(FsError::from).and_then(|()| store::apply(&self.db, &batch));
+        let result = self
+            .dev
+            .flush()
+            .map_err(FsError::from)
+            .and_then(|()| store::apply(db, &batch));
         let mut st = lock_write(&self.state);
         match result {
             Ok(()) => {
@@ -473,8 +527,13 @@ impl Fs {
     /// Facts about the filesystem, for `nearfs info` and the root's xattr view.
     pub fn info(&self) -> FsInfo {
         let st = lock_read(&self.state);
-        let files = st.inodes.values().filter(|i| !i.is_dir() && !i.extents.is_empty());
-        let (nfiles, nextents) = files.fold((0u64, 0u64), |(f, e), i| (f + 1, e + i.extents.len() as u64));
+        let files = st
+            .inodes
+            .values()
+            .filter(|i| !i.is_dir() && !i.extents.is_empty());
+        let (nfiles, nextents) = files.fold((0u64, 0u64), |(f, e), i| {
+            (f + 1, e + i.extents.len() as u64)
+        });
         FsInfo {
             format_version: FORMAT_VERSION,
             uuid: self.sb.uuid_string(),
@@ -517,7 +576,11 @@ pub struct FsInfo {
 impl FsInfo {
     /// Average extents per file with data (1.0 is ideal).
     pub fn extents_per_file(&self) -> f64 {
-        if self.files_with_data == 0 { 1.0 } else { self.extents as f64 / self.files_with_data as f64 }
+        if self.files_with_data == 0 {
+            1.0
+        } else {
+            self.extents as f64 / self.files_with_data as f64
+        }
     }
 
     /// Share of free space outside the largest free run, 0.0 (one run) to 1.0.

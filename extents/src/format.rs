@@ -119,7 +119,9 @@ impl Superblock {
         }
         let bs = get_u32(b, sb::BLOCK_SIZE);
         if u64::from(bs) != BLOCK_SIZE {
-            return Err(corrupt(format!("block size {bs}; format 1 uses {BLOCK_SIZE}")));
+            return Err(corrupt(format!(
+                "block size {bs}; format 1 uses {BLOCK_SIZE}"
+            )));
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[sb::UUID..sb::UUID + 16]);
@@ -152,13 +154,23 @@ impl Superblock {
     /// The UUID in its usual textual form.
     pub fn uuid_string(&self) -> String {
         let h: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
     }
 
     /// Whether `[start, start + len)` lies inside the data region.
     pub fn in_data_region(&self, start: DevBlock, len: u64) -> bool {
         start.0 >= self.data_start.0
-            && start.0.checked_add(len).is_some_and(|end| end <= self.total_blocks)
+            && start
+                .0
+                .checked_add(len)
+                .is_some_and(|end| end <= self.total_blocks)
     }
 }
 
@@ -182,10 +194,16 @@ pub struct Timestamp {
 impl Timestamp {
     pub fn now() -> Self {
         match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Self { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
+            Ok(d) => Self {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
-                Self { secs: -(d.as_secs() as i64) - 1, nanos: 1_000_000_000 - d.subsec_nanos() }
+                Self {
+                    secs: -(d.as_secs() as i64) - 1,
+                    nanos: 1_000_000_000 - d.subsec_nanos(),
+                }
             }
         }
     }
@@ -272,7 +290,10 @@ impl InodeRecord {
         let size = r.u64()?;
         let mut times = [Timestamp::default(); 4];
         for t in &mut times {
-            *t = Timestamp { secs: r.i64()?, nanos: r.u32()? };
+            *t = Timestamp {
+                secs: r.i64()?,
+                nanos: r.u32()?,
+            };
         }
         let rdev = r.u32()?;
         let _flags = r.u32()?;
@@ -289,7 +310,12 @@ impl InodeRecord {
             let dev = DevBlock(r.u64()?);
             let len = r.u64()?;
             let flags = r.u64()?;
-            extents.push(Extent { file, dev, len, unwritten: flags & EXTENT_UNWRITTEN != 0 });
+            extents.push(Extent {
+                file,
+                dev,
+                len,
+                unwritten: flags & EXTENT_UNWRITTEN != 0,
+            });
         }
         let mut xattrs = Vec::with_capacity(n_xattrs.min(b.len() / 6));
         for _ in 0..n_xattrs {
@@ -338,12 +364,19 @@ mod tests {
         let sb = Superblock::layout(64 << 20, [7; 16], 1234).unwrap();
         let mut bytes = sb.encode();
         assert_eq!(Superblock::decode(&bytes, 64 << 20).unwrap(), sb);
-        assert!(matches!(Superblock::decode(&bytes, 32 << 20), Err(FsError::Corrupt { .. })));
+        assert!(matches!(
+            Superblock::decode(&bytes, 32 << 20),
+            Err(FsError::Corrupt { .. })
+        ));
         bytes[100] ^= 1;
-        let err = Superblock::decode(&bytes, 64 << 20).unwrap_err().to_string();
+        let err = Superblock::decode(&bytes, 64 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("checksum"), "{err}");
         bytes[0] = b'X';
-        let err = Superblock::decode(&bytes, 64 << 20).unwrap_err().to_string();
+        let err = Superblock::decode(&bytes, 64 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("magic"), "{err}");
     }
 
@@ -370,14 +403,22 @@ mod tests {
             rdev: 0,
             generation: 9,
             parent: 0,
-            extents: vec![Extent { file: FileBlock(0), dev: DevBlock(300), len: 4, unwritten: true }],
+            extents: vec![Extent {
+                file: FileBlock(0),
+                dev: DevBlock(300),
+                len: 4,
+                unwritten: true,
+            }],
             xattrs: vec![(b"user.a".to_vec(), b"value".to_vec())],
             target: vec![],
         };
         let bytes = rec.encode();
         assert_eq!(InodeRecord::decode(&bytes).unwrap(), rec);
         for cut in 0..bytes.len() {
-            assert!(InodeRecord::decode(&bytes[..cut]).is_err(), "accepted a cut at {cut}");
+            assert!(
+                InodeRecord::decode(&bytes[..cut]).is_err(),
+                "accepted a cut at {cut}"
+            );
         }
     }
 }

@@ -50,12 +50,19 @@ impl FsckReport {
 /// Returns an error only when the device cannot be read as nearfs at all.
 pub fn fsck(dev: Arc<dyn BlockDevice>, repair: bool) -> Result<FsckReport> {
     let sb = read_superblock(dev.as_ref())?;
-    let region = MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks)
-        .map_err(|e| FsError::Corrupt { what: format!("metadata region: {e}") })?;
+    let region = MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks).map_err(|e| {
+        FsError::Corrupt {
+            what: format!("metadata region: {e}"),
+        }
+    })?;
     let db = crate::filesystem::open_db(region, false)?;
     let snap = store::load(&db)?;
     let mut r = FsckReport::default();
-    let mut fix = Batch { next_ino: snap.next_ino, next_generation: snap.next_generation, ..Batch::default() };
+    let mut fix = Batch {
+        next_ino: snap.next_ino,
+        next_generation: snap.next_generation,
+        ..Batch::default()
+    };
     check(&sb, &snap, &mut r, &mut fix);
     if repair && !fix.is_empty() {
         store::apply(&db, &fix)?;
@@ -78,12 +85,19 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     for (ino, rec) in &snap.inodes {
         let (ino, mut rec) = (*ino, rec.clone());
         if FileKind::from_mode(rec.mode).is_none() {
-            r.errors.push(format!("inode {ino}: unknown file type in mode {:o}", rec.mode));
+            r.errors.push(format!(
+                "inode {ino}: unknown file type in mode {:o}",
+                rec.mode
+            ));
         }
         if ino >= snap.next_ino {
-            r.errors.push(format!("inode {ino}: number is not below the inode counter {}", snap.next_ino));
+            r.errors.push(format!(
+                "inode {ino}: number is not below the inode counter {}",
+                snap.next_ino
+            ));
             fix.next_ino = fix.next_ino.max(ino + 1);
-            r.repaired.push(format!("raised the inode counter past {ino}"));
+            r.repaired
+                .push(format!("raised the inode counter past {ino}"));
         }
         if rec.mode & S_IFMT == S_IFDIR && !rec.extents.is_empty() {
             r.errors.push(format!("directory {ino} owns data extents"));
@@ -96,18 +110,32 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
             let bad = if e.len == 0 {
                 Some("an empty extent".to_string())
             } else if !sb.in_data_region(e.dev, e.len) {
-                Some(format!("blocks {}+{} outside the data region", e.dev.0, e.len))
+                Some(format!(
+                    "blocks {}+{} outside the data region",
+                    e.dev.0, e.len
+                ))
             } else if ExtentMap::from_extents(&[kept.as_slice(), &[*e]].concat()).is_none() {
                 Some(format!("file blocks {}+{} mapped twice", e.file.0, e.len))
-            } else if alloc.claim(Run { start: e.dev, len: e.len }).is_err() {
-                Some(format!("device blocks {}+{} also owned by another inode", e.dev.0, e.len))
+            } else if alloc
+                .claim(Run {
+                    start: e.dev,
+                    len: e.len,
+                })
+                .is_err()
+            {
+                Some(format!(
+                    "device blocks {}+{} also owned by another inode",
+                    e.dev.0, e.len
+                ))
             } else {
                 None
             };
             match bad {
                 Some(why) => {
                     r.errors.push(format!("inode {ino}: {why}"));
-                    r.repaired.push(format!("inode {ino}: dropped {why} (the range now reads as zeros)"));
+                    r.repaired.push(format!(
+                        "inode {ino}: dropped {why} (the range now reads as zeros)"
+                    ));
                     changed.insert(ino);
                 }
                 None => kept.push(*e),
@@ -118,18 +146,39 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
         inodes.insert(ino, rec);
     }
     r.inodes = inodes.len() as u64;
-    r.directories = inodes.values().filter(|i| i.mode & S_IFMT == S_IFDIR).count() as u64;
+    r.directories = inodes
+        .values()
+        .filter(|i| i.mode & S_IFMT == S_IFDIR)
+        .count() as u64;
     r.free_blocks = alloc.free_blocks();
     r.allocated_blocks = sb.data_blocks - alloc.free_blocks();
 
-    if !inodes.get(&Ino::ROOT.0).is_some_and(|i| i.mode & S_IFMT == S_IFDIR) {
+    if !inodes
+        .get(&Ino::ROOT.0)
+        .is_some_and(|i| i.mode & S_IFMT == S_IFDIR)
+    {
         r.errors.push("the root directory is missing".into());
         let now = Timestamp::now();
-        inodes.insert(Ino::ROOT.0, InodeRecord {
-            mode: S_IFDIR | 0o755, uid: 0, gid: 0, nlink: 2, size: 0, atime: now, mtime: now,
-            ctime: now, crtime: now, rdev: 0, generation: 0, parent: Ino::ROOT.0,
-            extents: vec![], xattrs: vec![], target: vec![],
-        });
+        inodes.insert(
+            Ino::ROOT.0,
+            InodeRecord {
+                mode: S_IFDIR | 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                crtime: now,
+                rdev: 0,
+                generation: 0,
+                parent: Ino::ROOT.0,
+                extents: vec![],
+                xattrs: vec![],
+                target: vec![],
+            },
+        );
         changed.insert(Ino::ROOT.0);
         r.repaired.push("recreated an empty root directory".into());
     }
@@ -140,13 +189,24 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     for (dir, name, child, cookie) in &snap.dirents {
         let shown = String::from_utf8_lossy(name);
         let why = if !inodes.get(dir).is_some_and(|d| d.mode & S_IFMT == S_IFDIR) {
-            Some(format!("entry {shown:?} lives in {dir}, which is not a directory"))
+            Some(format!(
+                "entry {shown:?} lives in {dir}, which is not a directory"
+            ))
         } else if !inodes.contains_key(child) {
-            Some(format!("directory {dir}: entry {shown:?} names missing inode {child}"))
-        } else if name.is_empty() || name.len() > 255 || name.contains(&b'/') || name == b"." || name == b".." {
+            Some(format!(
+                "directory {dir}: entry {shown:?} names missing inode {child}"
+            ))
+        } else if name.is_empty()
+            || name.len() > 255
+            || name.contains(&b'/')
+            || name == b"."
+            || name == b".."
+        {
             Some(format!("directory {dir}: illegal name {shown:?}"))
         } else if !cookies.insert((*dir, *cookie)) {
-            Some(format!("directory {dir}: entry {shown:?} repeats a readdir cookie"))
+            Some(format!(
+                "directory {dir}: entry {shown:?} repeats a readdir cookie"
+            ))
         } else {
             None
         };
@@ -156,7 +216,10 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
                 r.repaired.push(format!("removed: {why}"));
                 fix.dirents.push(((*dir, name.clone()), None));
             }
-            None => children.entry(*dir).or_default().push((name.clone(), *child)),
+            None => children
+                .entry(*dir)
+                .or_default()
+                .push((name.clone(), *child)),
         }
     }
 
@@ -179,8 +242,12 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
             if is_dir {
                 *subdirs.entry(dir).or_default() += 1;
                 if inodes[child].parent != dir {
-                    r.errors.push(format!("directory {child}: \"..\" names {} but it lives in {dir}", inodes[child].parent));
-                    r.repaired.push(format!("directory {child}: \"..\" set to {dir}"));
+                    r.errors.push(format!(
+                        "directory {child}: \"..\" names {} but it lives in {dir}",
+                        inodes[child].parent
+                    ));
+                    r.repaired
+                        .push(format!("directory {child}: \"..\" set to {dir}"));
                     inodes.get_mut(child).expect("exists").parent = dir;
                     changed.insert(*child);
                 }
@@ -192,14 +259,23 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     }
 
     // Unreachable inodes: orphans (nlink 0) are legal; anything else was lost.
-    let lost: Vec<u64> = inodes.keys().copied().filter(|i| !reached.contains(i)).collect();
+    let lost: Vec<u64> = inodes
+        .keys()
+        .copied()
+        .filter(|i| !reached.contains(i))
+        .collect();
     let mut lost_found = None;
     for ino in lost {
         if inodes[&ino].nlink == 0 {
-            r.notes.push(format!("inode {ino} is an orphan (unlinked while open); the next mount removes it"));
+            r.notes.push(format!(
+                "inode {ino} is an orphan (unlinked while open); the next mount removes it"
+            ));
             continue;
         }
-        r.errors.push(format!("inode {ino} (nlink {}) is not reachable from the root", inodes[&ino].nlink));
+        r.errors.push(format!(
+            "inode {ino} (nlink {}) is not reachable from the root",
+            inodes[&ino].nlink
+        ));
         let lf = match lost_found {
             Some(lf) => lf,
             None => {
@@ -220,7 +296,8 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
             inodes.get_mut(&ino).expect("exists").parent = lf;
         }
         changed.insert(ino);
-        r.repaired.push(format!("moved inode {ino} to /lost+found/#{ino}"));
+        r.repaired
+            .push(format!("moved inode {ino} to /lost+found/#{ino}"));
     }
 
     // Link counts.
@@ -234,8 +311,12 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
             refs.get(&ino).copied().unwrap_or(0)
         };
         if rec.nlink != want && want > 0 {
-            r.errors.push(format!("inode {ino}: link count {} but {want} links exist", rec.nlink));
-            r.repaired.push(format!("inode {ino}: link count set to {want}"));
+            r.errors.push(format!(
+                "inode {ino}: link count {} but {want} links exist",
+                rec.nlink
+            ));
+            r.repaired
+                .push(format!("inode {ino}: link count set to {want}"));
             rec.nlink = want;
             changed.insert(ino);
         }
@@ -263,13 +344,31 @@ fn lost_and_found(
     let ino = fix.next_ino;
     fix.next_ino += 1;
     let now = Timestamp::now();
-    inodes.insert(ino, InodeRecord {
-        mode: S_IFDIR | 0o700, uid: 0, gid: 0, nlink: 2, size: 0, atime: now, mtime: now,
-        ctime: now, crtime: now, rdev: 0, generation: fix.next_generation, parent: Ino::ROOT.0,
-        extents: vec![], xattrs: vec![], target: vec![],
-    });
+    inodes.insert(
+        ino,
+        InodeRecord {
+            mode: S_IFDIR | 0o700,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            generation: fix.next_generation,
+            parent: Ino::ROOT.0,
+            extents: vec![],
+            xattrs: vec![],
+            target: vec![],
+        },
+    );
     fix.next_generation += 1;
-    fix.dirents.push(((Ino::ROOT.0, b"lost+found".to_vec()), Some((ino, u64::MAX / 2))));
+    fix.dirents.push((
+        (Ino::ROOT.0, b"lost+found".to_vec()),
+        Some((ino, u64::MAX / 2)),
+    ));
     changed.insert(ino);
     ino
 }

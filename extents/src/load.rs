@@ -12,7 +12,9 @@ use crate::store::Snapshot;
 use crate::types::Ino;
 
 fn corrupt(what: String) -> FsError {
-    FsError::Corrupt { what: format!("{what}; run `nearfs fsck` for details") }
+    FsError::Corrupt {
+        what: format!("{what}; run `nearfs fsck` for details"),
+    }
 }
 
 pub(crate) fn build_state(sb: &Superblock, snap: Snapshot) -> Result<State> {
@@ -23,10 +25,15 @@ pub(crate) fn build_state(sb: &Superblock, snap: Snapshot) -> Result<State> {
             .ok_or_else(|| corrupt(format!("inode {ino} has overlapping extents")))?;
         for e in &rec.extents {
             if !sb.in_data_region(e.dev, e.len) {
-                return Err(corrupt(format!("inode {ino} has an extent outside the data region")));
+                return Err(corrupt(format!(
+                    "inode {ino} has an extent outside the data region"
+                )));
             }
             alloc
-                .claim(Run { start: e.dev, len: e.len })
+                .claim(Run {
+                    start: e.dev,
+                    len: e.len,
+                })
                 .map_err(|_| corrupt(format!("inode {ino} shares blocks with another inode")))?;
         }
         if ino >= snap.next_ino {
@@ -40,7 +47,9 @@ pub(crate) fn build_state(sb: &Superblock, snap: Snapshot) -> Result<State> {
     let mut seen = HashSet::new();
     for (dir, name, child, cookie) in snap.dirents {
         if !inodes.contains_key(&child) {
-            return Err(corrupt(format!("directory {dir} names missing inode {child}")));
+            return Err(corrupt(format!(
+                "directory {dir} names missing inode {child}"
+            )));
         }
         if !seen.insert((dir, cookie)) {
             return Err(corrupt(format!("directory {dir} repeats a readdir cookie")));

@@ -73,7 +73,10 @@ fn encode_slot(h: Header) -> [u8; SLOT_BYTES] {
 fn decode_slot(b: &[u8]) -> Option<Header> {
     let valid = b[slot::MAGIC..slot::MAGIC + 8] == SLOT_MAGIC
         && get_u32(b, slot::CHECKSUM) == crc32fast::hash(&b[..slot::CHECKSUM]);
-    valid.then(|| Header { seq: get_u64(b, slot::SEQ), len: get_u64(b, slot::LEN) })
+    valid.then(|| Header {
+        seq: get_u64(b, slot::SEQ),
+        len: get_u64(b, slot::LEN),
+    })
 }
 
 fn out_of_space() -> io::Error {
@@ -81,14 +84,31 @@ fn out_of_space() -> io::Error {
 }
 
 impl MetaRegion {
-    /// Writes an empty header into the region starting at block `start` of `blocks` blocks.
-    pub fn format(dev: &Arc<dyn BlockDevice>, start: u64, blocks: u64) -> io::Result<()> {
+    /// Writes an empty header into the region starting at block `start` of `blocks` blocks,
+    /// reporting `(bytes done, bytes total)` of the zeroing to `progress`.
+    pub fn format(
+        dev: &Arc<dyn BlockDevice>,
+        start: u64,
+        blocks: u64,
+        progress: Option<fn(u64, u64)>,
+    ) -> io::Result<()> {
         let mut block = vec![0u8; BLOCK_SIZE as usize];
         block[..SLOT_BYTES].copy_from_slice(&encode_slot(Header { seq: 1, len: 0 }));
         dev.write_at(&block, start * BLOCK_SIZE)?;
         // redb requires that space it grows into reads as zeros; make sure stale bytes of
         // an earlier filesystem do not survive in the region.
-        dev.write_zeroes((start + 1) * BLOCK_SIZE, (blocks - 1) * BLOCK_SIZE)
+        const CHUNK: u64 = 64 << 20;
+        let (first, total) = ((start + 1) * BLOCK_SIZE, (blocks - 1) * BLOCK_SIZE);
+        let mut done = 0;
+        while done < total {
+            let n = CHUNK.min(total - done);
+            dev.write_zeroes(first + done, n)?;
+            done += n;
+            if let Some(report) = progress {
+                report(done, total);
+            }
+        }
+        Ok(())
     }
 
     /// Opens the region starting at block `start` of `blocks` blocks.
@@ -101,7 +121,10 @@ impl MetaRegion {
             .filter_map(decode_slot)
             .max_by_key(|h| h.seq)
             .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "metadata region header is damaged")
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "metadata region header is damaged",
+                )
             })?;
         if header.len > capacity {
             return Err(io::Error::new(
@@ -109,7 +132,12 @@ impl MetaRegion {
                 "metadata region header claims more than the region holds",
             ));
         }
-        Ok(Self { dev, start: start * BLOCK_SIZE, capacity, state: Arc::new(Mutex::new(header)) })
+        Ok(Self {
+            dev,
+            start: start * BLOCK_SIZE,
+            capacity,
+            state: Arc::new(Mutex::new(header)),
+        })
     }
 
     /// Bytes redb currently uses.
@@ -119,7 +147,10 @@ impl MetaRegion {
 
     /// A handle that reports usage after the region was handed to redb.
     pub fn usage(&self) -> MetaUsage {
-        MetaUsage { state: self.state.clone(), capacity: self.capacity }
+        MetaUsage {
+            state: self.state.clone(),
+            capacity: self.capacity,
+        }
     }
 
     fn data_offset(&self, offset: u64, len: usize, limit: u64) -> io::Result<u64> {
@@ -149,11 +180,20 @@ impl redb::StorageBackend for MetaRegion {
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if len > state.len {
-            self.dev.write_zeroes(self.start + BLOCK_SIZE + state.len, len - state.len)?;
+            self.dev
+                .write_zeroes(self.start + BLOCK_SIZE + state.len, len - state.len)?;
         }
-        let next = Header { seq: state.seq + 1, len };
-        let slot_off = if next.seq % 2 == 0 { SLOT_BYTES as u64 } else { 0 };
-        self.dev.write_at(&encode_slot(next), self.start + slot_off)?;
+        let next = Header {
+            seq: state.seq + 1,
+            len,
+        };
+        let slot_off = if next.seq % 2 == 0 {
+            SLOT_BYTES as u64
+        } else {
+            0
+        };
+        self.dev
+            .write_at(&encode_slot(next), self.start + slot_off)?;
         *state = next;
         Ok(())
     }
@@ -177,7 +217,7 @@ mod tests {
     #[test]
     fn length_survives_reopen_and_growth_is_bounded() {
         let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 * BLOCK_SIZE));
-        MetaRegion::format(&dev, 1, 8).unwrap();
+        MetaRegion::format(&dev, 1, 8, None).unwrap();
         let r = MetaRegion::open(dev.clone(), 1, 8).unwrap();
         assert_eq!(r.len().unwrap(), 0);
         r.set_len(4096).unwrap();
@@ -195,10 +235,11 @@ mod tests {
     #[test]
     fn a_damaged_slot_falls_back_to_the_other() {
         let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 * BLOCK_SIZE));
-        MetaRegion::format(&dev, 1, 8).unwrap();
+        MetaRegion::format(&dev, 1, 8, None).unwrap();
         let r = MetaRegion::open(dev.clone(), 1, 8).unwrap();
         r.set_len(4096).unwrap(); // seq 2, second slot
-        dev.write_at(&[0xff; 8], BLOCK_SIZE + SLOT_BYTES as u64 + 16).unwrap();
+        dev.write_at(&[0xff; 8], BLOCK_SIZE + SLOT_BYTES as u64 + 16)
+            .unwrap();
         let r = MetaRegion::open(dev.clone(), 1, 8).unwrap();
         assert_eq!(r.len().unwrap(), 0, "the older, intact slot wins");
         dev.write_at(&[0xff; 8], BLOCK_SIZE).unwrap();

@@ -169,7 +169,11 @@ fn may(cr: &Creds, i: &Inode, want: u32) -> Result<()> {
 
 fn may_delete(cr: &Creds, dir: &Inode, victim: &Inode) -> Result<()> {
     access::may_delete(cr, dir.owner(), victim.owner()).map_err(|eacces| {
-        if eacces { FsError::AccessDenied } else { FsError::NotPermitted }
+        if eacces {
+            FsError::AccessDenied
+        } else {
+            FsError::NotPermitted
+        }
     })
 }
 
@@ -216,10 +220,14 @@ impl Fs {
     pub fn forget(&self, ino: Ino, n: u64) {
         let last = {
             let st = lock_read(&self.state);
-            let Some(i) = st.inodes.get(&ino.0) else { return };
+            let Some(i) = st.inodes.get(&ino.0) else {
+                return;
+            };
             let before = i
                 .refs
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| Some(r.saturating_sub(n)))
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    Some(r.saturating_sub(n))
+                })
                 .unwrap_or(0);
             before <= n && i.nlink == 0
         };
@@ -245,7 +253,15 @@ impl Fs {
     }
 
     /// Creates an inode of any kind named `name` in `parent`.
-    fn make(&self, cr: &Creds, parent: Ino, name: &[u8], mode: u32, rdev: u32, target: &[u8]) -> Result<Attr> {
+    fn make(
+        &self,
+        cr: &Creds,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: &[u8],
+    ) -> Result<Attr> {
         self.writable()?;
         check_name(name)?;
         let kind = FileKind::from_mode(mode).ok_or(FsError::Invalid("file type"))?;
@@ -309,8 +325,19 @@ impl Fs {
 
     /// Creates a regular file, FIFO, socket or device node. `mode` carries the type bits
     /// (none means a regular file) and the permission bits after the umask.
-    pub fn mknod(&self, cr: &Creds, parent: Ino, name: &[u8], mode: u32, rdev: u32) -> Result<Attr> {
-        let mode = if mode & S_IFMT == 0 { mode | S_IFREG } else { mode };
+    pub fn mknod(
+        &self,
+        cr: &Creds,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
+        let mode = if mode & S_IFMT == 0 {
+            mode | S_IFREG
+        } else {
+            mode
+        };
         if FileKind::from_mode(mode) == Some(FileKind::Directory) {
             return Err(FsError::Invalid("mknod cannot make directories"));
         }
@@ -321,7 +348,10 @@ impl Fs {
     pub fn create(&self, cr: &Creds, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
         let attr = self.mknod(cr, parent, name, S_IFREG | (mode & 0o7777), 0)?;
         let mut st = lock_write(&self.state);
-        st.inodes.get_mut(&attr.ino.0).ok_or(FsError::Dangling(attr.ino))?.open += 1;
+        st.inodes
+            .get_mut(&attr.ino.0)
+            .ok_or(FsError::Dangling(attr.ino))?
+            .open += 1;
         Ok(attr)
     }
 
@@ -377,7 +407,14 @@ impl Fs {
         let now = Timestamp::now();
         let mut st = lock_write(&self.state);
         let p = st.get(parent)?;
-        let child = Ino(p.dir.as_ref().ok_or(FsError::NotDir)?.entries.get(name).ok_or(FsError::NotFound)?.0);
+        let child = Ino(p
+            .dir
+            .as_ref()
+            .ok_or(FsError::NotDir)?
+            .entries
+            .get(name)
+            .ok_or(FsError::NotFound)?
+            .0);
         let c = st.get(child)?;
         require(!c.is_dir(), FsError::IsDir)?;
         may_delete(cr, p, c)?;
@@ -401,7 +438,14 @@ impl Fs {
         let now = Timestamp::now();
         let mut st = lock_write(&self.state);
         let p = st.get(parent)?;
-        let child = Ino(p.dir.as_ref().ok_or(FsError::NotDir)?.entries.get(name).ok_or(FsError::NotFound)?.0);
+        let child = Ino(p
+            .dir
+            .as_ref()
+            .ok_or(FsError::NotDir)?
+            .entries
+            .get(name)
+            .ok_or(FsError::NotFound)?
+            .0);
         let c = st.get(child)?;
         let cdir = c.dir.as_ref().ok_or(FsError::NotDir)?;
         require(cdir.entries.is_empty(), FsError::NotEmpty)?;
@@ -456,9 +500,22 @@ impl Fs {
         let now = Timestamp::now();
         let mut st = lock_write(&self.state);
         let p = st.get(parent)?;
-        let src = Ino(p.dir.as_ref().ok_or(FsError::NotDir)?.entries.get(name).ok_or(FsError::NotFound)?.0);
+        let src = Ino(p
+            .dir
+            .as_ref()
+            .ok_or(FsError::NotDir)?
+            .entries
+            .get(name)
+            .ok_or(FsError::NotFound)?
+            .0);
         let np = st.get(newparent)?;
-        let dst = np.dir.as_ref().ok_or(FsError::NotDir)?.entries.get(newname).map(|e| Ino(e.0));
+        let dst = np
+            .dir
+            .as_ref()
+            .ok_or(FsError::NotDir)?
+            .entries
+            .get(newname)
+            .map(|e| Ino(e.0));
         may(cr, p, MAY_WRITE | MAY_EXEC)?;
         may(cr, np, MAY_WRITE | MAY_EXEC)?;
         let s = st.get(src)?;
@@ -474,7 +531,10 @@ impl Fs {
             return Ok(());
         }
         if src_dir && parent != newparent {
-            require(!Self::is_within(&st, newparent, src), FsError::Invalid("directory into itself"))?;
+            require(
+                !Self::is_within(&st, newparent, src),
+                FsError::Invalid("directory into itself"),
+            )?;
             may(cr, s, MAY_WRITE)?; // its ".." changes
         }
         let mut dst_dir = false;
@@ -484,7 +544,10 @@ impl Fs {
             may_delete(cr, np, di)?;
             if flags.exchange {
                 if dst_dir && parent != newparent {
-                    require(!Self::is_within(&st, parent, d), FsError::Invalid("directory into itself"))?;
+                    require(
+                        !Self::is_within(&st, parent, d),
+                        FsError::Invalid("directory into itself"),
+                    )?;
                     may(cr, di, MAY_WRITE)?;
                 }
             } else if src_dir {
@@ -508,7 +571,11 @@ impl Fs {
                 }
             } else {
                 let di = st.get_mut(d)?;
-                di.nlink = if dst_dir { 0 } else { di.nlink.saturating_sub(1) };
+                di.nlink = if dst_dir {
+                    0
+                } else {
+                    di.nlink.saturating_sub(1)
+                };
                 if dst_dir {
                     let np = st.get_mut(newparent)?;
                     np.nlink = np.nlink.saturating_sub(1);
@@ -576,7 +643,10 @@ impl Fs {
         }
         if let Some(size) = req.size {
             require(!i.is_dir(), FsError::IsDir)?;
-            require(i.mode & S_IFMT == S_IFREG, FsError::Invalid("truncate of a special file"))?;
+            require(
+                i.mode & S_IFMT == S_IFREG,
+                FsError::Invalid("truncate of a special file"),
+            )?;
             require(size <= crate::types::MAX_FILE_SIZE, FsError::FileTooBig)?;
             if !req.via_handle {
                 may(cr, i, MAY_WRITE)?;
@@ -672,7 +742,11 @@ impl Fs {
             if out.len() >= max {
                 break;
             }
-            let child = dir.entries.get(name).map(|e| Ino(e.0)).ok_or(FsError::Dangling(ino))?;
+            let child = dir
+                .entries
+                .get(name)
+                .map(|e| Ino(e.0))
+                .ok_or(FsError::Dangling(ino))?;
             let ci = st.get(child).map_err(|_| FsError::Dangling(child))?;
             out.push(DirEntry {
                 ino: child,
@@ -684,24 +758,13 @@ impl Fs {
         Ok(out)
     }
 
-    /// Like [`Fs::readdir`], with each entry's attributes (readdirplus). Counts a kernel
-    /// reference for each entry other than "." and "..".
-    pub fn readdir_plus(&self, ino: Ino, offset: u64, max: usize) -> Result<Vec<(DirEntry, Attr)>> {
-        let entries = self.readdir(ino, offset, max)?;
-        let st = lock_read(&self.state);
-        entries
-            .into_iter()
-            .filter_map(|e| {
-                let dot = e.name == b"." || e.name == b"..";
-                let attr = if dot {
-                    st.get(e.ino).map(|i| attr_of(e.ino, i))
-                } else {
-                    self.entry(&st, e.ino)
-                };
-                // An entry removed between the two locks is simply not listed.
-                attr.ok().map(|a| Ok((e, a)))
-            })
-            .collect()
+    /// Counts one kernel reference to `ino`: an entry the kernel now holds (readdirplus).
+    pub fn remember(&self, ino: Ino) {
+        if self.opts.kernel_refs
+            && let Some(i) = lock_read(&self.state).inodes.get(&ino.0)
+        {
+            i.refs.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Usage figures.

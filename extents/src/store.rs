@@ -58,15 +58,16 @@ pub fn init(db: &redb::Database, root: &InodeRecord) -> Result<()> {
 }
 
 /// Reads every committed record.
-pub fn load(db: &redb::Database) -> Result<Snapshot> {
+pub fn load(db: &impl ReadableDatabase) -> Result<Snapshot> {
     let txn = db.begin_read()?;
     let mut snap = Snapshot::default();
     let inodes = txn.open_table(INODES)?;
     for row in inodes.iter()? {
         let (k, v) = row?;
         let ino = k.value();
-        let rec = InodeRecord::decode(v.value())
-            .map_err(|_| FsError::Corrupt { what: format!("inode {ino}: record is truncated") })?;
+        let rec = InodeRecord::decode(v.value()).map_err(|_| FsError::Corrupt {
+            what: format!("inode {ino}: record is truncated"),
+        })?;
         snap.inodes.push((ino, rec));
     }
     let dirents = txn.open_table(DIRENTS)?;
@@ -78,9 +79,11 @@ pub fn load(db: &redb::Database) -> Result<Snapshot> {
     }
     let meta = txn.open_table(META)?;
     let get = |key: &str| -> Result<u64> {
-        meta.get(key)?.map(|v| v.value()).ok_or_else(|| FsError::Corrupt {
-            what: format!("metadata key {key:?} is missing"),
-        })
+        meta.get(key)?
+            .map(|v| v.value())
+            .ok_or_else(|| FsError::Corrupt {
+                what: format!("metadata key {key:?} is missing"),
+            })
     };
     snap.next_ino = get(NEXT_INO)?;
     snap.next_generation = get(NEXT_GENERATION)?;

@@ -54,9 +54,17 @@ fn check(cr: &Creds, i: &Inode, name: &[u8], want: u32) -> Result<()> {
             // user.* is for regular files and directories only (as on Linux).
             let kind = i.mode & S_IFMT;
             if kind != S_IFREG && kind != S_IFDIR {
-                return Err(if want == MAY_READ { FsError::NoAttribute } else { FsError::NotPermitted });
+                return Err(if want == MAY_READ {
+                    FsError::NoAttribute
+                } else {
+                    FsError::NotPermitted
+                });
             }
-            if access::permits(cr, i.owner(), want) { Ok(()) } else { Err(FsError::AccessDenied) }
+            if access::permits(cr, i.owner(), want) {
+                Ok(())
+            } else {
+                Err(FsError::AccessDenied)
+            }
         }
         Namespace::Security if want == MAY_WRITE && !access::is_owner(cr, i.owner()) => {
             Err(FsError::NotPermitted)
@@ -67,7 +75,14 @@ fn check(cr: &Creds, i: &Inode, name: &[u8], want: u32) -> Result<()> {
 
 impl Fs {
     /// Sets attribute `name` (flags: XATTR_CREATE, XATTR_REPLACE).
-    pub fn setxattr(&self, cr: &Creds, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        cr: &Creds,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
@@ -87,7 +102,12 @@ impl Fs {
         if flags & XATTR_REPLACE != 0 && !exists {
             return Err(FsError::NoAttribute);
         }
-        let others: usize = i.xattrs.iter().filter(|(k, _)| k.as_slice() != name).map(|(k, v)| k.len() + v.len()).sum();
+        let others: usize = i
+            .xattrs
+            .iter()
+            .filter(|(k, _)| k.as_slice() != name)
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
         if others + name.len() + value.len() > XATTR_TOTAL_MAX {
             return Err(FsError::NoSpace);
         }

@@ -1,1 +1,145 @@
-fn main() {}
+//! `nearfs`: parse the command line, set up logging, call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nearfs::commands;
+use nearfs::mount::{MountConfig, mount};
+
+#[derive(Parser)]
+#[command(
+    name = "nearfs",
+    version,
+    about = "An extent filesystem in FUSE that runs eBPF next to the data"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a filesystem on an image file (created sparse if missing) or a block device.
+    Mkfs {
+        image: PathBuf,
+        /// Size of a new image file, e.g. 4G.
+        #[arg(long, value_parser = commands::parse_size)]
+        size: Option<u64>,
+        /// Overwrite an existing nearfs filesystem.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Mount a filesystem; returns when the mount is ready.
+    Mount {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        /// Comma-separated options: allow_other, default_permissions, ro, rw, direct,
+        /// commit=SECS, threads=N, nodev, nosuid, noexec, noatime.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Stay in the foreground until unmounted.
+        #[arg(short, long)]
+        foreground: bool,
+    },
+    /// Check the filesystem's invariants (exit status as fsck(8): 0 clean, 1 repaired,
+    /// 4 errors left, 8 operational error).
+    Fsck {
+        image: PathBuf,
+        /// Repair what can be repaired.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Show format version, sizes, free space and fragmentation.
+    Info { image: PathBuf },
+}
+
+fn init_logging(verbose: u8) {
+    let default = ["warn", "info", "debug", "trace"][usize::from(verbose.min(3))];
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// `mount.fuse.nearfs SPEC DIR [-o opts] [-fnsv]`, as mount(8) calls a helper.
+fn mount_helper(args: &[String]) -> anyhow::Result<()> {
+    let mut positional = Vec::new();
+    let mut cfg_opts = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => cfg_opts.push(it.next().cloned().unwrap_or_default()),
+            "-t" => {
+                it.next();
+            }
+            "-f" | "-n" | "-s" | "-v" => {}
+            s if s.starts_with("-o") => cfg_opts.push(s[2..].to_string()),
+            s => positional.push(s.to_string()),
+        }
+    }
+    let [image, dir] = positional.as_slice() else {
+        anyhow::bail!("usage: mount.fuse.nearfs IMAGE MOUNTPOINT [-o OPTIONS]");
+    };
+    let mut cfg = MountConfig::new(image.into(), dir.into());
+    for o in &cfg_opts {
+        cfg.apply_options(o)?;
+    }
+    mount(&cfg)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Mkfs { image, size, force } => commands::mkfs(&image, size, force)?,
+        Command::Mount {
+            image,
+            mountpoint,
+            options,
+            foreground,
+        } => {
+            let mut cfg = MountConfig::new(image, mountpoint);
+            cfg.foreground = foreground;
+            for o in &options {
+                cfg.apply_options(o)?;
+            }
+            mount(&cfg)?;
+        }
+        Command::Fsck { image, repair } => {
+            return Ok(ExitCode::from(commands::fsck(&image, repair) as u8));
+        }
+        Command::Info { image } => commands::info(&image)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let argv0 = args
+        .first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a))
+        .unwrap_or("");
+    if argv0.starts_with("mount.") {
+        init_logging(0);
+        return match mount_helper(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{argv0}: {e:#}");
+                ExitCode::from(32) // mount(8): mount failure
+            }
+        };
+    }
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nearfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The nearfs daemon and command-line tool: FUSE adapter, mounting, and the
+//! mkfs/fsck/info commands. `main.rs` only parses arguments and calls in here.
+
+pub mod commands;
+pub mod daemon;
+pub mod errno;
+pub mod inspect;
+pub mod mount;

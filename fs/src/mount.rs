@@ -1,0 +1,352 @@
+//! Mounting: option parsing, daemonizing, the FUSE session, periodic commits, and a
+//! clean stop on unmount or signal.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use blockdev::{BlockDevice, FileDevice, OpenOptions};
+use extents::{Fs, MountOptions};
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::daemon::NearFs;
+
+/// Environment variable through which a daemonized child learns its readiness pipe.
+const READY_FD_ENV: &str = "NEARFS_READY_FD";
+/// How long a mount waits for a previous daemon of the same image to finish.
+const LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// Everything `nearfs mount` needs to know.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    pub read_only: bool,
+    /// Open the device with O_DIRECT.
+    pub direct: bool,
+    /// Seconds between background commits.
+    pub commit_secs: u64,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Kernel mount flags passed through (nodev, noexec, ...).
+    pub passthrough: Vec<MountOption>,
+}
+
+impl MountConfig {
+    pub fn new(image: PathBuf, mountpoint: PathBuf) -> Self {
+        Self {
+            image,
+            mountpoint,
+            foreground: false,
+            allow_other: false,
+            default_permissions: false,
+            read_only: false,
+            direct: false,
+            commit_secs: 5,
+            threads: 4,
+            passthrough: Vec::new(),
+        }
+    }
+
+    /// Applies a `-o a,b,c=d` option list (as `mount -o` and fstab give it).
+    pub fn apply_options(&mut self, list: &str) -> Result<()> {
+        for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            match (key, value) {
+                ("allow_other", None) => self.allow_other = true,
+                ("default_permissions", None) => self.default_permissions = true,
+                ("ro", None) => self.read_only = true,
+                ("rw", None) => self.read_only = false,
+                ("direct", None) => self.direct = true,
+                ("commit", Some(v)) => {
+                    self.commit_secs = v
+                        .parse()
+                        .ok()
+                        .filter(|&s| s > 0)
+                        .context("commit=SECONDS (> 0)")?
+                }
+                ("threads", Some(v)) => {
+                    self.threads = v
+                        .parse()
+                        .ok()
+                        .filter(|&t| (1..=64).contains(&t))
+                        .context("threads=1..64")?
+                }
+                ("nodev", None) => self.passthrough.push(MountOption::NoDev),
+                ("dev", None) => self.passthrough.push(MountOption::Dev),
+                ("nosuid", None) => self.passthrough.push(MountOption::NoSuid),
+                ("suid", None) => self.passthrough.push(MountOption::Suid),
+                ("noexec", None) => self.passthrough.push(MountOption::NoExec),
+                ("exec", None) => self.passthrough.push(MountOption::Exec),
+                ("noatime", None) => self.passthrough.push(MountOption::NoAtime),
+                ("atime", None) => self.passthrough.push(MountOption::Atime),
+                // Options mount(8) and fstab use that mean nothing to the filesystem.
+                (
+                    "defaults" | "auto" | "noauto" | "nofail" | "user" | "users" | "nouser"
+                    | "_netdev" | "relatime" | "norelatime",
+                    None,
+                ) => {}
+                (k, _) if k.starts_with("x-") || k.starts_with("comment=") => {}
+                _ => bail!("unknown mount option {opt:?}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens an image or block device for nearfs, locked against other nearfs processes.
+pub fn open_device(path: &Path, read_only: bool, direct: bool) -> Result<Arc<dyn BlockDevice>> {
+    let dev = FileDevice::open(path, OpenOptions { direct, read_only })
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    dev.lock_exclusive(LOCK_WAIT)?;
+    Ok(Arc::new(dev))
+}
+
+/// Mounts, returning once the mount is ready. Unless `foreground`, the filesystem keeps
+/// running in a detached child process; in the foreground this returns after unmount.
+pub fn mount(cfg: &MountConfig) -> Result<()> {
+    if cfg.foreground {
+        return serve(cfg, ready_pipe_from_env());
+    }
+    let (read_end, write_end) = pipe()?;
+    let exe = std::env::current_exe().context("cannot find the nearfs executable")?;
+    let mut child = std::process::Command::new(exe);
+    child
+        .arg("mount")
+        .arg(&cfg.image)
+        .arg(&cfg.mountpoint)
+        .arg("--foreground");
+    child.arg("-o").arg(options_string(cfg));
+    child.env(READY_FD_ENV, raw(&write_end).to_string());
+    child.stdin(std::process::Stdio::null());
+    let mut child = child.spawn().context("cannot start the nearfs daemon")?;
+    drop(write_end);
+    let mut answer = Vec::new();
+    std::fs::File::from(read_end).read_to_end(&mut answer)?;
+    if answer == b"ready" {
+        return Ok(());
+    }
+    let status = child.wait()?;
+    bail!("the nearfs daemon did not mount ({status})");
+}
+
+fn options_string(cfg: &MountConfig) -> String {
+    let mut o = vec![
+        format!("commit={}", cfg.commit_secs),
+        format!("threads={}", cfg.threads),
+    ];
+    for (set, name) in [
+        (cfg.allow_other, "allow_other"),
+        (cfg.default_permissions, "default_permissions"),
+        (cfg.read_only, "ro"),
+        (cfg.direct, "direct"),
+    ] {
+        if set {
+            o.push(name.to_string());
+        }
+    }
+    for p in &cfg.passthrough {
+        o.push(
+            match p {
+                MountOption::NoDev => "nodev",
+                MountOption::Dev => "dev",
+                MountOption::NoSuid => "nosuid",
+                MountOption::Suid => "suid",
+                MountOption::NoExec => "noexec",
+                MountOption::Exec => "exec",
+                MountOption::NoAtime => "noatime",
+                MountOption::Atime => "atime",
+                _ => continue,
+            }
+            .to_string(),
+        );
+    }
+    o.join(",")
+}
+
+fn raw(fd: &OwnedFd) -> i32 {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}
+
+/// A pipe whose read end is close-on-exec and whose write end is inherited.
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array, which has room for both.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: both descriptors were just created by pipe and are owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok((r, w))
+}
+
+/// The readiness pipe passed by a parent `nearfs mount`, if any.
+fn ready_pipe_from_env() -> Option<OwnedFd> {
+    let fd: i32 = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: F_GETFD only checks that the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the parent created this descriptor for us alone and does not use it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Blocks the signals that stop the daemon in the calling thread (and every thread it
+/// starts afterwards), so that one dedicated thread can wait for them.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is a plain bitmask; zeroed and then initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: every call receives a pointer to the valid sigset_t above.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Runs the filesystem until it is unmounted.
+fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
+    let daemonized = ready.is_some();
+    if daemonized {
+        // SAFETY: setsid has no arguments; failing (already a leader) is harmless.
+        unsafe { libc::setsid() };
+    }
+    let dev = open_device(&cfg.image, cfg.read_only, cfg.direct)?;
+    let opts = MountOptions {
+        read_only: cfg.read_only,
+        kernel_refs: true,
+    };
+    let fs = Arc::new(
+        Fs::mount(dev, opts).with_context(|| format!("cannot mount {}", cfg.image.display()))?,
+    );
+
+    let mut options = vec![
+        MountOption::FSName(cfg.image.display().to_string()),
+        MountOption::Subtype("nearfs".into()),
+    ];
+    if cfg.default_permissions {
+        options.push(MountOption::DefaultPermissions);
+    }
+    options.push(if cfg.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    options.extend(cfg.passthrough.iter().cloned());
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads);
+    config.clone_fd = true;
+
+    let signals = block_stop_signals();
+    let mut session = fuser::Session::new(NearFs::new(fs.clone()), &cfg.mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
+    let unmounter = std::sync::Mutex::new(session.unmount_callable());
+    std::thread::Builder::new()
+        .name("nearfs-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait reads the set and writes the signal number into `sig`.
+            unsafe { libc::sigwait(&signals, &mut sig) };
+            tracing::info!(signal = sig, "unmounting on signal");
+            if let Ok(mut u) = unmounter.lock()
+                && let Err(e) = u.unmount()
+            {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        })?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let (fs, stop, every) = (
+            fs.clone(),
+            stop.clone(),
+            Duration::from_secs(cfg.commit_secs),
+        );
+        std::thread::Builder::new()
+            .name("nearfs-commit".into())
+            .spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= every {
+                        last = Instant::now();
+                        if fs.is_dirty()
+                            && let Err(e) = fs.commit()
+                        {
+                            tracing::error!(error = %e, "background commit failed");
+                        }
+                    }
+                }
+            })?
+    };
+
+    tracing::info!(image = %cfg.image.display(), mountpoint = %cfg.mountpoint.display(), "mounted");
+    if let Some(fd) = ready {
+        let mut f = std::fs::File::from(fd);
+        let _ = f.write_all(b"ready");
+        drop(f);
+        detach_stdio();
+    }
+    let result = session.run();
+    stop.store(true, Ordering::Relaxed);
+    let _ = committer.join();
+    fs.commit().context("final commit failed")?;
+    tracing::info!("unmounted; everything committed");
+    result.context("FUSE session failed")
+}
+
+/// Points stdin, stdout and stderr at /dev/null once the parent has gone.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, from a descriptor we hold open.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_round_trip() {
+        let mut c = MountConfig::new("a".into(), "b".into());
+        c.apply_options("allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount")
+            .unwrap();
+        assert!(c.allow_other && c.read_only && c.commit_secs == 2 && c.threads == 3);
+        let mut d = MountConfig::new("a".into(), "b".into());
+        d.apply_options(&options_string(&c)).unwrap();
+        assert!(d.allow_other && d.read_only && d.commit_secs == 2 && d.threads == 3);
+        assert_eq!(d.passthrough, vec![MountOption::NoDev]);
+        assert!(c.apply_options("bogus").is_err());
+        assert!(c.apply_options("commit=0").is_err());
+    }
+}
