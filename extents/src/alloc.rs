@@ -21,10 +21,15 @@ pub struct Run {
 /// The free runs of one data region.
 #[derive(Clone, Debug, Default)]
 pub struct Allocator {
+    /// First block of the region.
+    base: u64,
     by_start: BTreeMap<u64, u64>,
     by_len: BTreeSet<(u64, u64)>,
     free: u64,
 }
+
+/// Requests at least this long, without a free goal, start mid-run (see the module doc).
+pub const SPREAD_MIN: u64 = 16;
 
 /// A free of blocks that were not allocated, or an overlap: the caller's metadata is
 /// inconsistent and must not be trusted.
@@ -34,7 +39,10 @@ pub struct DoubleFree(pub Run);
 impl Allocator {
     /// An allocator whose only free run is `[start, start + len)`.
     pub fn new(start: DevBlock, len: u64) -> Self {
-        let mut a = Self::default();
+        let mut a = Self {
+            base: start.0,
+            ..Self::default()
+        };
         if len > 0 {
             a.insert(start.0, len);
         }
@@ -111,7 +119,25 @@ impl Allocator {
             });
             left -= take;
         }
-        // 2. Best fit for the rest; 3. otherwise the largest runs first.
+        // 2. Spread a file that has nowhere to continue.
+        if left == want
+            && (goal.is_some() || want >= SPREAD_MIN)
+            && let Some(&(len, start)) = self.by_len.last()
+            && len >= want
+        {
+            // A run at the region's base has no file before it that could grow into it.
+            let at = if start == self.base {
+                start
+            } else {
+                start + (len / 2).min(len - want)
+            };
+            self.carve(start, at, want);
+            return vec![Run {
+                start: DevBlock(at),
+                len: want,
+            }];
+        }
+        // 3. Best fit for the rest; 4. otherwise the largest runs first.
         while left > 0 {
             let (len, start) = match self.by_len.range((left, 0)..).next() {
                 Some(&fit) => fit,
@@ -196,11 +222,37 @@ mod tests {
     }
 
     #[test]
-    fn prefers_one_run_that_fits_over_splitting() {
+    fn small_requests_pack_into_the_best_fit() {
         let mut a = Allocator::new(DevBlock(0), 100);
         a.claim(run(10, 5)).unwrap(); // free: [0,10) [15,100)
-        assert_eq!(a.allocate(20, None), vec![run(15, 20)]);
         assert_eq!(a.allocate(8, None), vec![run(0, 8)], "best fit");
+        assert_eq!(a.allocate(2, None), vec![run(8, 2)]);
+    }
+
+    #[test]
+    fn new_large_files_start_mid_run_so_neighbours_can_keep_appending() {
+        let mut a = Allocator::new(DevBlock(0), 1000);
+        let first = a.allocate(16, None);
+        assert_eq!(
+            first,
+            vec![run(0, 16)],
+            "nothing precedes the region's start"
+        );
+        let second = a.allocate(16, None);
+        assert_eq!(second, vec![run(16 + 984 / 2, 16)]);
+        // Both continue contiguously, interleaved.
+        for i in 1..10 {
+            assert_eq!(
+                a.allocate(16, Some(DevBlock(16 * i))),
+                vec![run(16 * i, 16)]
+            );
+            let g = 508 + 16 * i;
+            assert_eq!(a.allocate(16, Some(DevBlock(g))), vec![run(g, 16)]);
+        }
+        // A file whose goal was taken moves to fresh space instead of filling gaps.
+        let moved = a.allocate(16, Some(DevBlock(20)));
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].start.0 > 160 && moved[0].start.0 != 508 + 160);
     }
 
     #[test]
