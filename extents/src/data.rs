@@ -210,24 +210,54 @@ impl Fs {
 
     /// Sets the size of a regular file, freeing blocks past the new end and zeroing the
     /// tail of a partial last block (so that growing the file again reads zeros).
+    ///
+    /// The tail is zeroed in a copy of that block, mapped in its place: zeroing it where it
+    /// is would destroy committed bytes before the truncation itself is committed, and a
+    /// crash in between would show the old size with zeros inside it. Only on a full
+    /// device does it fall back to zeroing in place.
     pub(crate) fn truncate_locked(&self, st: &mut State, ino: Ino, size: u64) -> Result<()> {
-        let i = st.get_mut(ino)?;
-        if size < i.size {
-            let keep = blocks_for(size);
-            let freed = i.extents.remove(FileBlock(keep), u64::MAX);
-            let tail = size % BLOCK_SIZE;
-            if tail != 0
-                && let [seg] = i.extents.segments(FileBlock(size / BLOCK_SIZE), 1)[..]
-                && let Backing::Written(dev) = seg.backing
-            {
-                let zeros = vec![0u8; (BLOCK_SIZE - tail) as usize];
-                self.dev.write_at(&zeros, dev.byte_offset() + tail)?;
-            }
+        let State {
+            inodes,
+            alloc,
+            dirty_inodes,
+            pending_free,
+            ..
+        } = st;
+        let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
+        dirty_inodes.insert(ino.0);
+        if size >= i.size {
             i.size = size;
-            st.pending_free.extend(freed);
-        } else {
-            i.size = size;
+            return Ok(());
         }
+        pending_free.extend(i.extents.remove(FileBlock(blocks_for(size)), u64::MAX));
+        let tail = (size % BLOCK_SIZE) as usize;
+        let last = FileBlock(size / BLOCK_SIZE);
+        if tail != 0
+            && let [seg] = i.extents.segments(last, 1)[..]
+            && let Backing::Written(dev) = seg.backing
+        {
+            let mut block = vec![0u8; BLOCK_SIZE as usize];
+            self.dev.read_at(&mut block[..tail], dev.byte_offset())?;
+            match alloc.allocate(1, Some(dev))[..] {
+                [copy] => {
+                    if let Err(e) = self.dev.write_at(&block, copy.start.byte_offset()) {
+                        let _ = alloc.release(copy);
+                        return Err(e.into());
+                    }
+                    pending_free.extend(i.extents.remove(last, 1));
+                    i.extents.insert(Extent {
+                        file: last,
+                        dev: copy.start,
+                        len: 1,
+                        unwritten: false,
+                    });
+                }
+                _ => self
+                    .dev
+                    .write_at(&block[tail..], dev.byte_offset() + tail as u64)?,
+            }
+        }
+        i.size = size;
         Ok(())
     }
 

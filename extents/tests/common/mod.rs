@@ -76,6 +76,14 @@ pub fn get(fs: &Fs, ino: Ino) -> Vec<u8> {
 
 /// Every path in the tree with its content (files), target (symlinks) or nothing (dirs).
 pub fn tree(fs: &Fs) -> BTreeMap<String, Option<Vec<u8>>> {
+    tree_with_inodes(fs)
+        .into_iter()
+        .map(|(path, (_, content))| (path, content))
+        .collect()
+}
+
+/// Like [`tree`], with each path's inode number.
+pub fn tree_with_inodes(fs: &Fs) -> BTreeMap<String, (Ino, Option<Vec<u8>>)> {
     let mut out = BTreeMap::new();
     let mut stack = vec![(Ino::ROOT, String::new())];
     while let Some((dir, prefix)) = stack.pop() {
@@ -84,18 +92,15 @@ pub fn tree(fs: &Fs) -> BTreeMap<String, Option<Vec<u8>>> {
                 continue;
             }
             let path = format!("{prefix}/{}", String::from_utf8_lossy(&e.name));
-            match e.kind {
+            let content = match e.kind {
                 FileKind::Directory => {
-                    out.insert(path.clone(), None);
-                    stack.push((e.ino, path));
+                    stack.push((e.ino, path.clone()));
+                    None
                 }
-                FileKind::Symlink => {
-                    out.insert(path, Some(fs.readlink(e.ino).expect("readlink")));
-                }
-                _ => {
-                    out.insert(path, Some(get(fs, e.ino)));
-                }
-            }
+                FileKind::Symlink => Some(fs.readlink(e.ino).expect("readlink")),
+                _ => Some(get(fs, e.ino)),
+            };
+            out.insert(path, (e.ino, content));
         }
     }
     out
