@@ -1,1 +1,458 @@
+//! nearfs mounted through FUSE and driven the way programs drive a filesystem.
+//! Needs root and /dev/fuse (as in CI).
 
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use nearfs_tests::*;
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Parses `user.nearfs.extents` into (file offset, device offset, length, written).
+fn extents_of(path: &Path) -> Vec<(u64, u64, u64, bool)> {
+    let text =
+        String::from_utf8(getxattr(path, "user.nearfs.extents").expect("extents view")).unwrap();
+    text.split("; ")
+        .filter(|s| !s.is_empty())
+        .map(|e| {
+            let words: Vec<&str> = e.split(' ').collect();
+            let num = |k: &str| -> u64 {
+                words
+                    .iter()
+                    .find_map(|w| w.strip_prefix(k))
+                    .expect("field")
+                    .parse()
+                    .expect("number")
+            };
+            (
+                num("file="),
+                num("dev="),
+                num("len="),
+                words[3] == "written",
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn files_round_trip_and_show_their_extents() {
+    let t = TestFs::new("128M", "");
+    let sizes = [0usize, 1, 4095, 4096, 4097, 1 << 20, (8 << 20) + 123];
+    for (i, &n) in sizes.iter().enumerate() {
+        let data = pattern(i as u64, n);
+        fs::write(t.path(&format!("f{i}")), &data).unwrap();
+        assert_eq!(
+            fs::read(t.path(&format!("f{i}"))).unwrap(),
+            data,
+            "size {n}"
+        );
+        let ext = extents_of(&t.path(&format!("f{i}")));
+        let total: u64 = ext.iter().map(|e| e.2).sum();
+        assert_eq!(total, (n as u64).div_ceil(4096) * 4096, "size {n}: {ext:?}");
+    }
+    // A file written sequentially is one extent.
+    assert_eq!(extents_of(&t.path("f6")).len(), 1);
+    let names = listxattr(&t.path("f6"));
+    assert!(
+        names.contains(&"user.nearfs.extents".to_string()),
+        "{names:?}"
+    );
+    let facts = String::from_utf8(getxattr(&t.mnt, "user.nearfs.fs").unwrap()).unwrap();
+    assert!(
+        facts.contains("format_version=1") && facts.contains("block_size=4096"),
+        "{facts}"
+    );
+    // getfattr -d -m - shows the views to a person.
+    let out = Command::new("getfattr")
+        .args(["-d", "-m", "-"])
+        .arg(t.path("f6"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("user.nearfs.extents=\"file=0 dev="));
+}
+
+#[test]
+fn data_persists_across_remount_and_fsck_stays_clean() {
+    let mut t = TestFs::new("64M", "");
+    fs::create_dir_all(t.path("a/b/c")).unwrap();
+    let data = pattern(7, 3 << 20);
+    fs::write(t.path("a/b/c/data"), &data).unwrap();
+    std::os::unix::fs::symlink("b/c/data", t.path("a/link")).unwrap();
+    let f = File::open(t.path("a/b/c/data")).unwrap();
+    f.sync_all().unwrap();
+    t.unmount();
+    let out = nearfs(&["fsck", t.image.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    t.mount("");
+    assert_eq!(fs::read(t.path("a/link")).unwrap(), data);
+    assert_eq!(
+        fs::read_link(t.path("a/link")).unwrap().to_str(),
+        Some("b/c/data")
+    );
+}
+
+#[test]
+fn namespace_operations_follow_posix() {
+    let t = TestFs::new("64M", "");
+    fs::write(t.path("x"), b"x").unwrap();
+    fs::hard_link(t.path("x"), t.path("y")).unwrap();
+    assert_eq!(fs::metadata(t.path("x")).unwrap().nlink(), 2);
+    fs::create_dir(t.path("d")).unwrap();
+    fs::rename(t.path("y"), t.path("d/y")).unwrap();
+    let mut names: Vec<_> = fs::read_dir(&t.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d", "x"]);
+    assert_eq!(
+        errno_of(&fs::remove_dir(t.path("d")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    let long = "n".repeat(256);
+    assert_eq!(
+        errno_of(&File::create(t.path(&long)).unwrap_err()),
+        libc::ENAMETOOLONG
+    );
+
+    // renameat2: NOREPLACE and EXCHANGE.
+    let rename2 = |a: &str, b: &str, flags: u32| -> i32 {
+        let a = CString::new(t.path(a).as_os_str().as_bytes()).unwrap();
+        let b = CString::new(t.path(b).as_os_str().as_bytes()).unwrap();
+        // SAFETY: both paths are NUL-terminated C strings.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                flags,
+            )
+        };
+        if r == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        }
+    };
+    assert_eq!(rename2("x", "d", libc::RENAME_NOREPLACE), libc::EEXIST);
+    assert_eq!(rename2("x", "d", libc::RENAME_EXCHANGE), 0);
+    assert!(t.path("x").is_dir() && t.path("d").is_file());
+
+    // chmod, truncate both ways, utimens.
+    fs::set_permissions(t.path("d"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(t.path("d")).unwrap().mode() & 0o7777, 0o600);
+    let f = OpenOptions::new().write(true).open(t.path("d")).unwrap();
+    f.set_len(10_000).unwrap();
+    f.set_len(3).unwrap();
+    f.set_len(5000).unwrap();
+    let content = fs::read(t.path("d")).unwrap();
+    assert_eq!(&content[..1], b"x");
+    assert!(content[1..].iter().all(|&b| b == 0));
+    let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 123_456_789);
+    f.set_times(fs::FileTimes::new().set_modified(when))
+        .unwrap();
+    let m = fs::metadata(t.path("d")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 123_456_789));
+}
+
+#[test]
+fn fallocate_punch_hole_and_seek_data() {
+    let t = TestFs::new("64M", "");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(t.path("f"))
+        .unwrap();
+    f.write_all(&vec![0xAA; 64 * 1024]).unwrap();
+    let fd = f.as_raw_fd();
+    // SAFETY: fallocate on an open descriptor with integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            4096,
+            8192,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20) };
+    assert_eq!(r, 0);
+    assert_eq!(f.metadata().unwrap().len(), 64 * 1024);
+    // SAFETY: lseek on an open descriptor.
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    // SAFETY: as above.
+    let data = unsafe { libc::lseek(fd, 4096, libc::SEEK_DATA) };
+    assert_eq!((hole, data), (4096, 12288));
+    let mut buf = vec![0u8; 64 * 1024];
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf[4096..12288].iter().all(|&b| b == 0));
+    assert!(buf[..4096].iter().chain(&buf[12288..]).all(|&b| b == 0xAA));
+    let ext = extents_of(&t.path("f"));
+    assert!(
+        ext.iter().any(|e| !e.3),
+        "preallocated extent is unwritten: {ext:?}"
+    );
+}
+
+#[test]
+fn user_xattrs_persist_and_views_are_read_only() {
+    let mut t = TestFs::new("64M", "");
+    fs::write(t.path("f"), b"").unwrap();
+    setxattr(&t.path("f"), "user.color", b"blue").unwrap();
+    assert_eq!(
+        setxattr(&t.path("f"), "user.nearfs.extents", b"x"),
+        Err(libc::EPERM)
+    );
+    assert_eq!(getxattr(&t.path("f"), "user.none"), Err(libc::ENODATA));
+    t.unmount();
+    t.mount("");
+    assert_eq!(getxattr(&t.path("f"), "user.color").unwrap(), b"blue");
+    let out = Command::new("getfattr")
+        .args(["-d", "-m", "-"])
+        .arg(t.path("f"))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("user.color=\"blue\"") && shown.contains("user.nearfs.extents"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn two_users_share_a_mount_safely_through_allow_other() {
+    let t = TestFs::new("64M", "allow_other");
+    fs::create_dir(t.path("tmp")).unwrap();
+    fs::set_permissions(t.path("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    let tmp = t.path("tmp");
+    let tmp = tmp.to_str().unwrap();
+    // nobody (65534) creates a file; daemon (1) may read it but not change or delete it.
+    let out = sh_as(
+        65534,
+        65534,
+        &[],
+        &format!("echo mine > {tmp}/n && chmod 644 {tmp}/n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = fs::metadata(t.path("tmp/n")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+    assert!(sh_as(1, 1, &[], &format!("cat {tmp}/n")).status.success());
+    let w = sh_as(1, 1, &[], &format!("echo theirs > {tmp}/n"));
+    assert!(
+        !w.status.success(),
+        "write to another user's 0644 file succeeded"
+    );
+    let rm = sh_as(1, 1, &[], &format!("rm -f {tmp}/n"));
+    assert!(
+        !rm.status.success() && t.path("tmp/n").exists(),
+        "sticky directory let another user delete"
+    );
+    assert_eq!(fs::read(t.path("tmp/n")).unwrap(), b"mine\n");
+    // A supplementary group grants group access; without it, none.
+    fs::write(t.path("tmp/g"), b"group data").unwrap();
+    std::os::unix::fs::chown(t.path("tmp/g"), Some(0), Some(4242)).unwrap();
+    fs::set_permissions(t.path("tmp/g"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(
+        sh_as(1, 1, &[4242], &format!("cat {tmp}/g"))
+            .status
+            .success()
+    );
+    assert!(!sh_as(1, 1, &[], &format!("cat {tmp}/g")).status.success());
+    // Unprivileged users cannot give files away.
+    let out = sh_as(65534, 65534, &[], &format!("chown 1 {tmp}/n"));
+    assert!(!out.status.success());
+}
+
+#[test]
+fn a_full_device_gives_enospc_and_keeps_existing_data() {
+    let mut t = TestFs::new("24M", "");
+    let keep = pattern(3, 1 << 20);
+    fs::write(t.path("keep"), &keep).unwrap();
+    let mut f = File::create(t.path("fill")).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let err = loop {
+        if let Err(e) = f.write_all(&chunk) {
+            break e;
+        }
+    };
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    drop(f);
+    assert_eq!(fs::read(t.path("keep")).unwrap(), keep);
+    fs::remove_file(t.path("fill")).unwrap();
+    fs::write(t.path("after"), &chunk).unwrap();
+    t.unmount();
+    let out = nearfs(&["fsck", t.image.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn read_only_mounts_refuse_writes() {
+    let mut t = TestFs::new("64M", "");
+    fs::write(t.path("f"), b"data").unwrap();
+    t.unmount();
+    t.mount("ro");
+    assert_eq!(fs::read(t.path("f")).unwrap(), b"data");
+    assert_eq!(
+        errno_of(&fs::write(t.path("g"), b"x").unwrap_err()),
+        libc::EROFS
+    );
+}
+
+#[test]
+fn damaged_images_are_refused_with_a_clear_message() {
+    let mut t = TestFs::new("32M", "");
+    t.unmount();
+    let image = t.image.to_str().unwrap().to_string();
+    let mut bytes = fs::read(&t.image).unwrap();
+    bytes[300] ^= 0x55;
+    fs::write(&t.image, &bytes).unwrap();
+    let out = nearfs(&["mount", &image, t.mnt.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checksum"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&t.mnt));
+    let out = nearfs(&["fsck", &image]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checksum"));
+
+    let other = t.dir.path().join("zeros.img");
+    fs::write(&other, vec![0u8; 1 << 20]).unwrap();
+    let out = nearfs(&["mount", other.to_str().unwrap(), t.mnt.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong magic"));
+    let out = nearfs(&["mkfs", &image]);
+    assert!(
+        !out.status.success(),
+        "mkfs over an existing filesystem needs --force"
+    );
+}
+
+#[test]
+fn daemon_mode_returns_when_ready_and_umount_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.img");
+    let mnt = dir.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    let (img, mp) = (image.to_str().unwrap(), mnt.to_str().unwrap());
+    assert!(nearfs(&["mkfs", img, "--size", "32M"]).status.success());
+    let out = nearfs(&["mount", img, mp]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            is_mounted(&mnt),
+            "mount returned before the filesystem was ready"
+        );
+        fs::write(mnt.join("f"), b"not fsynced").unwrap();
+    });
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    result.unwrap();
+    // fsck waits for the daemon's final commit (it holds the image lock until then).
+    let out = nearfs(&["fsck", img]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 inodes"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn mount_helper_works_for_mount_t_and_fstab() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.img");
+    let mnt = dir.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    assert!(
+        nearfs(&["mkfs", image.to_str().unwrap(), "--size", "32M"])
+            .status
+            .success()
+    );
+    let helper = Path::new("/sbin/mount.fuse.nearfs");
+    assert!(
+        helper.exists(),
+        "{} is missing: run scripts/setup.sh",
+        helper.display()
+    );
+    let out = Command::new("mount")
+        .args(["-t", "fuse.nearfs", "-o", "allow_other,commit=1"])
+        .arg(&image)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrote = fs::write(mnt.join("f"), b"via mount -t");
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    wrote.unwrap();
+    let out = nearfs(&["fsck", image.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn concurrent_processes_read_and_write_their_own_files() {
+    let t = TestFs::new("256M", "");
+    let handles: Vec<_> = (0..4u64)
+        .map(|i| {
+            let path = t.path(&format!("t{i}"));
+            std::thread::spawn(move || {
+                let data = pattern(i, 16 << 20);
+                let mut f = File::create(&path).unwrap();
+                for chunk in data.chunks(1 << 20) {
+                    f.write_all(chunk).unwrap();
+                }
+                f.sync_all().unwrap();
+                assert_eq!(fs::read(&path).unwrap(), data);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for i in 0..4 {
+        assert!(
+            extents_of(&t.path(&format!("t{i}"))).len() <= 2,
+            "file t{i} fragmented"
+        );
+    }
+}

@@ -11,6 +11,8 @@ use crate::alloc::{Allocator, Run};
 use crate::error::{FsError, Result};
 use crate::extent_map::ExtentMap;
 use crate::filesystem::{Fs, MountOptions, read_superblock};
+#[cfg(test)]
+use crate::format::Superblock;
 use crate::format::{InodeRecord, S_IFDIR, S_IFLNK, S_IFMT, Timestamp};
 use crate::meta::MetaRegion;
 use crate::ops::FileKind;
@@ -371,4 +373,160 @@ fn lost_and_found(
     ));
     changed.insert(ino);
     ino
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Extent, S_IFREG};
+    use crate::types::{DevBlock, FileBlock};
+    use crate::{Creds, MkfsOptions};
+    use blockdev::MemDevice;
+
+    /// A small filesystem with /dir/file (8 blocks of data).
+    fn sample() -> (Arc<MemDevice>, Superblock) {
+        let dev = Arc::new(MemDevice::new(32 << 20));
+        let sb = Fs::mkfs(dev.clone(), MkfsOptions::default()).unwrap();
+        let fs = Fs::mount(dev.clone(), MountOptions::default()).unwrap();
+        let cr = Creds::root();
+        let d = fs.mkdir(&cr, Ino::ROOT, b"dir", 0o755).unwrap().ino;
+        let f = fs.create(&cr, d, b"file", 0o644).unwrap().ino;
+        fs.write(&cr, f, 0, &[1; 8 * 4096]).unwrap();
+        fs.release(f);
+        fs.commit().unwrap();
+        (dev, sb)
+    }
+
+    /// Applies `damage` to the committed store of `dev`.
+    fn damage(dev: &Arc<MemDevice>, sb: &Superblock, damage: impl FnOnce(&Snapshot, &mut Batch)) {
+        let region = MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks).unwrap();
+        let db = crate::filesystem::open_db(region, false).unwrap();
+        let snap = store::load(&db).unwrap();
+        let mut batch = Batch {
+            next_ino: snap.next_ino,
+            next_generation: snap.next_generation,
+            ..Batch::default()
+        };
+        damage(&snap, &mut batch);
+        store::apply(&db, &batch).unwrap();
+    }
+
+    fn run(dev: &Arc<MemDevice>, repair: bool) -> FsckReport {
+        fsck(dev.clone(), repair).unwrap()
+    }
+
+    fn inode<'a>(
+        snap: &'a Snapshot,
+        pred: impl Fn(&InodeRecord) -> bool,
+    ) -> (u64, &'a InodeRecord) {
+        snap.inodes
+            .iter()
+            .find(|(_, r)| pred(r))
+            .map(|(i, r)| (*i, r))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_filesystem_is_clean() {
+        let (dev, _) = sample();
+        let r = run(&dev, false);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.exit_code(), 0);
+        assert_eq!((r.inodes, r.directories, r.extents), (3, 2, 1));
+        assert_eq!(r.allocated_blocks, 8);
+    }
+
+    #[test]
+    fn shared_blocks_are_found_and_dropped_from_one_owner() {
+        let (dev, sb) = sample();
+        damage(&dev, &sb, |snap, b| {
+            let (_, file) = inode(snap, |r| r.mode & S_IFMT == S_IFREG);
+            let mut thief = file.clone();
+            thief.extents = vec![Extent {
+                file: FileBlock(0),
+                dev: file.extents[0].dev,
+                len: 2,
+                unwritten: false,
+            }];
+            b.inodes.push((99, Some(thief.encode())));
+            b.dirents
+                .push(((Ino::ROOT.0, b"thief".to_vec()), Some((99, 77))));
+            b.next_ino = 100;
+        });
+        let r = run(&dev, false);
+        assert!(
+            r.errors
+                .iter()
+                .any(|e| e.contains("also owned by another inode")),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(r.exit_code(), 4);
+        assert!(
+            Fs::mount(dev.clone(), MountOptions::default()).is_err(),
+            "mount must refuse"
+        );
+        assert_eq!(run(&dev, true).exit_code(), 1);
+        assert!(run(&dev, false).errors.is_empty());
+    }
+
+    #[test]
+    fn dangling_entries_wrong_link_counts_and_lost_inodes_are_repaired() {
+        let (dev, sb) = sample();
+        damage(&dev, &sb, |snap, b| {
+            // An entry naming nothing, a wrong link count, and a file no directory names.
+            b.dirents
+                .push(((Ino::ROOT.0, b"ghost".to_vec()), Some((4242, 90))));
+            let (ino, file) = inode(snap, |r| r.mode & S_IFMT == S_IFREG);
+            let mut f = file.clone();
+            f.nlink = 5;
+            b.inodes.push((ino, Some(f.encode())));
+            let mut lost = file.clone();
+            lost.extents.clear();
+            b.inodes.push((50, Some(lost.encode())));
+            b.next_ino = 51;
+        });
+        let r = run(&dev, false);
+        let text = r.errors.join("\n");
+        assert!(text.contains("names missing inode 4242"), "{text}");
+        assert!(text.contains("link count 5 but 1"), "{text}");
+        assert!(
+            text.contains("inode 50 (nlink 1) is not reachable"),
+            "{text}"
+        );
+        let r = run(&dev, true);
+        assert_eq!(r.exit_code(), 1, "{:?}", r.errors);
+        let r = run(&dev, false);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let fs = Fs::mount(dev.clone(), MountOptions::default()).unwrap();
+        let lf = fs
+            .lookup(&Creds::root(), Ino::ROOT, b"lost+found")
+            .unwrap()
+            .ino;
+        fs.lookup(&Creds::root(), lf, b"#50").unwrap();
+    }
+
+    #[test]
+    fn extents_outside_the_data_region_are_reported() {
+        let (dev, sb) = sample();
+        damage(&dev, &sb, |snap, b| {
+            let (ino, file) = inode(snap, |r| r.mode & S_IFMT == S_IFREG);
+            let mut f = file.clone();
+            f.extents.push(Extent {
+                file: FileBlock(100),
+                dev: DevBlock(1),
+                len: 1,
+                unwritten: false,
+            });
+            b.inodes.push((ino, Some(f.encode())));
+        });
+        let r = run(&dev, false);
+        assert!(
+            r.errors
+                .iter()
+                .any(|e| e.contains("outside the data region")),
+            "{:?}",
+            r.errors
+        );
+    }
 }

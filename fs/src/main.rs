@@ -1,6 +1,6 @@
 //! `nearfs`: parse the command line, set up logging, call into the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -86,6 +86,10 @@ fn mount_helper(args: &[String]) -> anyhow::Result<()> {
     let [image, dir] = positional.as_slice() else {
         anyhow::bail!("usage: mount.fuse.nearfs IMAGE MOUNTPOINT [-o OPTIONS]");
     };
+    let all = cfg_opts.join(",");
+    if all.split(',').any(|o| o == "remount") {
+        return nearfs::mount::remount(Path::new(dir), &all);
+    }
     let mut cfg = MountConfig::new(image.into(), dir.into());
     for o in &cfg_opts {
         cfg.apply_options(o)?;

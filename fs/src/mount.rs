@@ -260,9 +260,7 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     config.clone_fd = true;
 
     let signals = block_stop_signals();
-    let mut session = fuser::Session::new(NearFs::new(fs.clone()), &cfg.mountpoint, &config)
-        .with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
-    let unmounter = std::sync::Mutex::new(session.unmount_callable());
+    let (session, unmount) = start_session(cfg, NearFs::new(fs.clone()), config)?;
     std::thread::Builder::new()
         .name("nearfs-signals".into())
         .spawn(move || {
@@ -270,11 +268,7 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
             // SAFETY: sigwait reads the set and writes the signal number into `sig`.
             unsafe { libc::sigwait(&signals, &mut sig) };
             tracing::info!(signal = sig, "unmounting on signal");
-            if let Ok(mut u) = unmounter.lock()
-                && let Err(e) = u.unmount()
-            {
-                tracing::error!(error = %e, "unmount failed");
-            }
+            unmount.unmount();
         })?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -315,6 +309,182 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     fs.commit().context("final commit failed")?;
     tracing::info!("unmounted; everything committed");
     result.context("FUSE session failed")
+}
+
+fn acl(cfg: &MountConfig) -> SessionACL {
+    if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    }
+}
+
+/// How to take the mount down again.
+enum Unmount {
+    /// We mounted it with mount(2).
+    Kernel(PathBuf),
+    /// fuser mounted it through fusermount3.
+    Fuser(std::sync::Mutex<fuser::SessionUnmounter>),
+}
+
+impl Unmount {
+    fn unmount(&self) {
+        let result = match self {
+            Unmount::Kernel(path) => umount(path),
+            Unmount::Fuser(u) => u
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))
+                .and_then(|mut u| u.unmount()),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "unmount failed");
+        }
+    }
+}
+
+fn cstring(p: &Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+/// Unmounts `path`, detaching it lazily if it is busy.
+fn umount(path: &Path) -> std::io::Result<()> {
+    let target = cstring(path)?;
+    // SAFETY: target is a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    Err(std::io::Error::last_os_error())
+}
+
+/// Kernel mount flags for the configured options (nosuid and nodev unless asked for).
+fn mount_flags(cfg: &MountConfig) -> libc::c_ulong {
+    let mut flags = 0;
+    let has = |o: &MountOption| cfg.passthrough.contains(o);
+    if !has(&MountOption::Suid) {
+        flags |= libc::MS_NOSUID;
+    }
+    if !has(&MountOption::Dev) {
+        flags |= libc::MS_NODEV;
+    }
+    if has(&MountOption::NoExec) {
+        flags |= libc::MS_NOEXEC;
+    }
+    if has(&MountOption::NoAtime) {
+        flags |= libc::MS_NOATIME;
+    }
+    if cfg.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    flags
+}
+
+/// Mounts /dev/fuse on the mountpoint as type `fuse.nearfs`, as libfuse does for root;
+/// fuser's own root path would mount it as plain `fuse`, which `mount -o remount` and
+/// `df -t` cannot tell apart from other FUSE filesystems.
+fn kernel_mount(cfg: &MountConfig) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
+        dev.as_raw_fd()
+    );
+    if cfg.allow_other {
+        data.push_str(",allow_other");
+    }
+    if cfg.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    let source = cstring(&cfg.image)?;
+    let target = cstring(&cfg.mountpoint)?;
+    let data = std::ffi::CString::new(data).expect("no NUL in options");
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"fuse.nearfs".as_ptr(),
+            mount_flags(cfg),
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(dev.into())
+}
+
+/// Mounts and completes the FUSE handshake: ourselves as root, through fusermount3 otherwise.
+fn start_session(
+    cfg: &MountConfig,
+    fs: NearFs,
+    config: Config,
+) -> Result<(fuser::Session<NearFs>, Unmount)> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        let fd = kernel_mount(cfg)
+            .with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
+        return match fuser::Session::from_fd(fs, fd, acl(cfg), config) {
+            Ok(session) => Ok((session, Unmount::Kernel(cfg.mountpoint.clone()))),
+            Err(e) => {
+                let _ = umount(&cfg.mountpoint);
+                Err(anyhow::Error::from(e).context("FUSE handshake failed"))
+            }
+        };
+    }
+    let mut session = fuser::Session::new(fs, &cfg.mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
+    let unmount = Unmount::Fuser(std::sync::Mutex::new(session.unmount_callable()));
+    Ok((session, unmount))
+}
+
+/// `mount -o remount,...` on a nearfs mount: change the kernel's mount flags in place.
+pub fn remount(mountpoint: &Path, options: &str) -> Result<()> {
+    let mut cfg = MountConfig::new(PathBuf::new(), mountpoint.to_owned());
+    let kept: Vec<&str> = options
+        .split(',')
+        .filter(|o| {
+            let key = o.split('=').next().unwrap_or("");
+            !matches!(
+                key,
+                "remount"
+                    | "user_id"
+                    | "group_id"
+                    | "rootmode"
+                    | "fd"
+                    | "max_read"
+                    | "blksize"
+                    | ""
+            )
+        })
+        .collect();
+    cfg.apply_options(&kept.join(","))?;
+    let target = cstring(mountpoint)?;
+    // SAFETY: target is NUL-terminated; the other pointers may be null for a remount.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | mount_flags(&cfg),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot remount {}", mountpoint.display()));
+    }
+    Ok(())
 }
 
 /// Points stdin, stdout and stderr at /dev/null once the parent has gone.

@@ -1,0 +1,28 @@
+# Shared by the scripts: installing what a fresh Debian machine lacks, and the mount helper.
+
+# Debian packages nearfs needs: FUSE, clang/llvm (appcode), attr (getfattr), fio (benchmarks),
+# libacl1-dev (pjdfstest), util-linux (setpriv), e2fsprogs (ext4 for comparisons).
+NEARFS_PACKAGES="fuse3 clang llvm attr fio libacl1-dev util-linux e2fsprogs"
+
+install_packages() {
+    local missing=()
+    for p in $NEARFS_PACKAGES; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "==> installing ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Makes `mount -t fuse.nearfs IMAGE DIR` and fstab lines use the given nearfs binary.
+install_mount_helper() {
+    local bin
+    bin=$(realpath "$1")
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo ln -sf "$bin" /sbin/mount.fuse.nearfs
+    $sudo ln -sf "$bin" /usr/local/bin/nearfs
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One command on a fresh Debian machine: install what nearfs needs, build it, install the
+# `nearfs` command and its mount helper, and run the main job on an image file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+install_packages
+echo "==> building nearfs (release)"
+cargo build --release --quiet
+install_mount_helper target/release/nearfs
+exec scripts/demo.sh target/release/nearfs

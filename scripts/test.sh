@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every test: unit and component tests, FUSE integration tests (root and /dev/fuse needed),
+# and the pjdfstest POSIX suite against a mount. Prints each runner's summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+install_packages
+echo "==> building"
+cargo build --workspace --quiet
+install_mount_helper target/debug/nearfs
+echo "==> unit, component and integration tests"
+cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/nearfs-cargo-test.log | grep -E '^(test result|running|     Running|test .* FAILED|failures:|---- )' || true
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ]; then
+    echo "cargo test failed; full log in /tmp/nearfs-cargo-test.log" >&2
+    grep -A30 -- '^---- ' /tmp/nearfs-cargo-test.log | head -200 >&2 || true
+    exit "$status"
+fi
+echo "==> pjdfstest (POSIX conformance)"
+pjd_rc=0
+scripts/pjdfstest.sh target/debug/nearfs | tee /tmp/nearfs-pjdfstest.log || pjd_rc=$?
+
+# One closing line over every runner.
+read -r cp cf ci < <(awk '/^test result:/ { p += $4; f += $6; i += $8 } END { print p + 0, f + 0, i + 0 }' /tmp/nearfs-cargo-test.log)
+read -r pp pf ps < <(sed -n 's/^pjdfstest: \([0-9]*\) passed, \([0-9]*\) failed, \([0-9]*\) skipped$/\1 \2 \3/p' /tmp/nearfs-pjdfstest.log | tail -1)
+echo "total: $((cp + ${pp:-0})) passed, $((cf + ${pf:-0})) failed, $((ci + ${ps:-0})) skipped"
+exit "$pjd_rc"
