@@ -10,11 +10,12 @@ echo "==> building"
 cargo build --workspace --quiet
 install_mount_helper target/debug/nearfs
 echo "==> unit, component and integration tests"
-cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/nearfs-cargo-test.log | grep -E '^(test result|running|     Running|test .* FAILED|failures:|---- )' || true
-status=${PIPESTATUS[0]}
+status=0
+cargo test --workspace --no-fail-fast >/tmp/nearfs-cargo-test.log 2>&1 || status=$?
+grep -E '^(     Running|test result|test .* FAILED)' /tmp/nearfs-cargo-test.log || true
 if [ "$status" -ne 0 ]; then
-    echo "cargo test failed; full log in /tmp/nearfs-cargo-test.log" >&2
-    grep -A30 -- '^---- ' /tmp/nearfs-cargo-test.log | head -200 >&2 || true
+    echo "cargo test failed; the failures (full log: /tmp/nearfs-cargo-test.log):" >&2
+    grep -A30 -- '^---- ' /tmp/nearfs-cargo-test.log | head -300 >&2 || true
     exit "$status"
 fi
 echo "==> pjdfstest (POSIX conformance)"
