@@ -456,3 +456,72 @@ fn concurrent_processes_read_and_write_their_own_files() {
         );
     }
 }
+
+/// A loop device, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(backing: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_real_block_device_works_with_o_direct() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let dev = Loop::new(&backing);
+    let out = nearfs(&["mkfs", &dev.0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mnt = dir.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    let data = pattern(11, (5 << 20) + 4321);
+    let out = nearfs(&["mount", &dev.0, mnt.to_str().unwrap(), "-o", "direct"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = std::panic::catch_unwind(|| {
+        fs::write(mnt.join("f"), &data).unwrap();
+        File::open(mnt.join("f")).unwrap().sync_all().unwrap();
+    });
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    result.unwrap();
+    let out = nearfs(&["fsck", &dev.0]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        nearfs(&["mount", &dev.0, mnt.to_str().unwrap(), "-o", "direct,ro"])
+            .status
+            .success()
+    );
+    let back = fs::read(mnt.join("f"));
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    assert_eq!(back.unwrap(), data);
+}
