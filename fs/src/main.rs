@@ -38,7 +38,7 @@ enum Command {
         image: PathBuf,
         mountpoint: PathBuf,
         /// Comma-separated options: allow_other, default_permissions, ro, rw, direct,
-        /// commit=SECS, threads=N, nodev, nosuid, noexec, noatime.
+        /// commit=SECS, threads=N, log=FILE, nodev, nosuid, noexec, noatime.
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Stay in the foreground until unmounted.
@@ -98,6 +98,7 @@ fn mount_helper(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let verbose = cli.verbose;
     match cli.command {
         Command::Mkfs { image, size, force } => commands::mkfs(&image, size, force)?,
         Command::Mount {
@@ -108,6 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut cfg = MountConfig::new(image, mountpoint);
             cfg.foreground = foreground;
+            cfg.verbose = verbose;
             for o in &options {
                 cfg.apply_options(o)?;
             }
