@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 install_packages
-echo "==> building"
+echo "==> building, formatting and lints"
 cargo build --workspace --quiet
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 install_mount_helper target/debug/nearfs
 echo "==> unit, component and integration tests"
 status=0

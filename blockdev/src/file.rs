@@ -120,9 +120,9 @@ impl FileDevice {
     }
 
     fn is_aligned(buf: &[u8], offset: u64) -> bool {
-        offset % DIRECT_ALIGN as u64 == 0
-            && buf.len() % DIRECT_ALIGN == 0
-            && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+        offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
     }
 
     /// The aligned window `[start, start + len)` that covers `[offset, offset + n)`.

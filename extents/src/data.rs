@@ -205,7 +205,7 @@ impl Fs {
             }
             file += run.len;
         }
-        failed.map_or(Ok(()), |e| Err(e.into()))
+        failed.map_or(Ok(()), Err)
     }
 
     /// Sets the size of a regular file, freeing blocks past the new end and zeroing the

@@ -155,9 +155,9 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     r.free_blocks = alloc.free_blocks();
     r.allocated_blocks = sb.data_blocks - alloc.free_blocks();
 
-    if !inodes
+    if inodes
         .get(&Ino::ROOT.0)
-        .is_some_and(|i| i.mode & S_IFMT == S_IFDIR)
+        .is_none_or(|i| i.mode & S_IFMT != S_IFDIR)
     {
         r.errors.push("the root directory is missing".into());
         let now = Timestamp::now();
@@ -190,7 +190,7 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     let mut cookies = HashSet::new();
     for (dir, name, child, cookie) in &snap.dirents {
         let shown = String::from_utf8_lossy(name);
-        let why = if !inodes.get(dir).is_some_and(|d| d.mode & S_IFMT == S_IFDIR) {
+        let why = if inodes.get(dir).is_none_or(|d| d.mode & S_IFMT != S_IFDIR) {
             Some(format!(
                 "entry {shown:?} lives in {dir}, which is not a directory"
             ))
@@ -415,10 +415,7 @@ mod tests {
         fsck(dev.clone(), repair).unwrap()
     }
 
-    fn inode<'a>(
-        snap: &'a Snapshot,
-        pred: impl Fn(&InodeRecord) -> bool,
-    ) -> (u64, &'a InodeRecord) {
+    fn inode(snap: &Snapshot, pred: impl Fn(&InodeRecord) -> bool) -> (u64, &InodeRecord) {
         snap.inodes
             .iter()
             .find(|(_, r)| pred(r))

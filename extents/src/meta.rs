@@ -187,7 +187,7 @@ impl redb::StorageBackend for MetaRegion {
             seq: state.seq + 1,
             len,
         };
-        let slot_off = if next.seq % 2 == 0 {
+        let slot_off = if next.seq.is_multiple_of(2) {
             SLOT_BYTES as u64
         } else {
             0

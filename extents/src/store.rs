@@ -27,11 +27,15 @@ pub struct Snapshot {
     pub next_generation: u64,
 }
 
+/// A directory entry's key (directory, name) and value (child, readdir cookie).
+pub type DirentKey = (u64, Vec<u8>);
+pub type DirentValue = (u64, u64);
+
 /// Changes to write in one transaction. `None` deletes.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub inodes: Vec<(u64, Option<Vec<u8>>)>,
-    pub dirents: Vec<((u64, Vec<u8>), Option<(u64, u64)>)>,
+    pub dirents: Vec<(DirentKey, Option<DirentValue>)>,
     pub next_ino: u64,
     pub next_generation: u64,
 }

@@ -89,7 +89,7 @@ pub fn mkfs(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
         ),
         other => other?,
     };
-    let mib = |blocks: u64| blocks * extents::BLOCK_SIZE >> 20;
+    let mib = |blocks: u64| (blocks * extents::BLOCK_SIZE) >> 20;
     println!(
         "nearfs: formatted {} ({} MiB: {} MiB metadata, {} MiB data), uuid {}",
         path.display(),

@@ -563,8 +563,10 @@ mod tests {
     #[test]
     fn options_parse_and_round_trip() {
         let mut c = MountConfig::new("a".into(), "b".into());
-        c.apply_options("allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount")
-            .unwrap();
+        c.apply_options(
+            "allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount,log=/tmp/l",
+        )
+        .unwrap();
         assert!(c.allow_other && c.read_only && c.commit_secs == 2 && c.threads == 3);
         let mut d = MountConfig::new("a".into(), "b".into());
         d.apply_options(&options_string(&c)).unwrap();
