@@ -427,6 +427,34 @@ fn mount_helper_works_for_mount_t_and_fstab() {
     wrote.unwrap();
     let out = nearfs(&["fsck", image.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
+
+    // An fstab line (a private fstab, through mount -T).
+    let fstab = dir.path().join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "{} {} fuse.nearfs defaults,nofail,ro 0 0\n",
+            image.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = fs::read(mnt.join("f"));
+    let ro = fs::write(mnt.join("g"), b"x");
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    assert_eq!(read.unwrap(), b"via mount -t");
+    assert_eq!(errno_of(&ro.unwrap_err()), libc::EROFS);
 }
 
 #[test]

@@ -54,3 +54,23 @@ impl BlockDevice for LatencyDevice {
         self.inner.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemDevice;
+
+    #[test]
+    fn passes_every_access_through_unchanged() {
+        let mem = Arc::new(MemDevice::new(8192));
+        let dev = LatencyDevice::new(mem.clone(), Duration::from_micros(3));
+        dev.write_at(b"slow but right", 4000).unwrap();
+        let mut buf = [0u8; 14];
+        dev.read_at(&mut buf, 4000).unwrap();
+        assert_eq!(&buf, b"slow but right");
+        mem.read_at(&mut buf, 4000).unwrap();
+        assert_eq!(&buf, b"slow but right");
+        assert_eq!(dev.len(), 8192);
+        assert!(dev.read_at(&mut buf, 8190).is_err());
+    }
+}
