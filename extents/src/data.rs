@@ -36,6 +36,21 @@ fn regular(i: &Inode) -> Result<()> {
     Ok(())
 }
 
+/// Fails with NoSpace unless the holes among `segs` can all be filled, so that an
+/// operation either gets all its blocks or changes nothing.
+fn ensure_space(segs: &[Segment], alloc: &Allocator) -> Result<()> {
+    let need: u64 = segs
+        .iter()
+        .filter(|s| s.backing == Backing::Hole)
+        .map(|s| s.len)
+        .sum();
+    if need > alloc.free_blocks() {
+        Err(FsError::NoSpace)
+    } else {
+        Ok(())
+    }
+}
+
 impl Fs {
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
@@ -107,14 +122,7 @@ impl Fs {
         let segs = i
             .extents
             .segments(FileBlock(first), blocks_for(end) - first);
-        let need: u64 = segs
-            .iter()
-            .filter(|s| s.backing == Backing::Hole)
-            .map(|s| s.len)
-            .sum();
-        if need > alloc.free_blocks() {
-            return Err(FsError::NoSpace);
-        }
+        ensure_space(&segs, alloc)?;
         dirty_inodes.insert(ino.0);
         for seg in segs {
             let (s, e) = seg_bytes(&seg);
@@ -340,14 +348,7 @@ impl Fs {
             let segs = i
                 .extents
                 .segments(FileBlock(first), blocks_for(end) - first);
-            let need: u64 = segs
-                .iter()
-                .filter(|s| s.backing == Backing::Hole)
-                .map(|s| s.len)
-                .sum();
-            if need > alloc.free_blocks() {
-                return Err(FsError::NoSpace);
-            }
+            ensure_space(&segs, alloc)?;
             for seg in segs.iter().filter(|s| s.backing == Backing::Hole) {
                 self.fill_hole(
                     &mut i.extents,

@@ -189,6 +189,15 @@ impl State {
         self.inodes.get_mut(&ino.0).ok_or(FsError::NotFound)
     }
 
+    /// The inode `name` names in directory `parent`.
+    pub fn child(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
+        let dir = self.get(parent)?.dir.as_ref().ok_or(FsError::NotDir)?;
+        dir.entries
+            .get(name)
+            .map(|e| Ino(e.0))
+            .ok_or(FsError::NotFound)
+    }
+
     /// Adds `name -> child` to directory `parent`.
     pub fn add_entry(&mut self, parent: Ino, name: &[u8], child: Ino) -> Result<()> {
         let dir = self.get_mut(parent)?.dir.as_mut().ok_or(FsError::NotDir)?;
@@ -388,23 +397,7 @@ impl Fs {
         MetaRegion::format(&dev, sb.meta_start.0, sb.meta_blocks, opts.progress)?;
         let region = MetaRegion::open(dev.clone(), sb.meta_start.0, sb.meta_blocks)?;
         let db = open_db(region, true)?;
-        let root = InodeRecord {
-            mode: S_IFDIR | 0o755,
-            uid: opts.root_uid,
-            gid: opts.root_gid,
-            nlink: 2,
-            size: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            rdev: 0,
-            generation: 0,
-            parent: Ino::ROOT.0,
-            extents: Vec::new(),
-            xattrs: Vec::new(),
-            target: Vec::new(),
-        };
+        let root = InodeRecord::empty_dir(0o755, opts.root_uid, opts.root_gid, Ino::ROOT.0, 0, now);
         store::init(&db, &root)?;
         drop(db);
         dev.flush()?;

@@ -349,6 +349,34 @@ impl InodeRecord {
         })
     }
 
+    /// A new, empty directory (two links: its entry and its own ".").
+    pub fn empty_dir(
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        parent: u64,
+        generation: u64,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            mode: S_IFDIR | perm,
+            uid,
+            gid,
+            nlink: 2,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            generation,
+            parent,
+            extents: Vec::new(),
+            xattrs: Vec::new(),
+            target: Vec::new(),
+        }
+    }
+
     /// Blocks the file's size spans.
     pub fn size_blocks(&self) -> u64 {
         blocks_for(self.size)

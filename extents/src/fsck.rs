@@ -160,27 +160,8 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
         .is_none_or(|i| i.mode & S_IFMT != S_IFDIR)
     {
         r.errors.push("the root directory is missing".into());
-        let now = Timestamp::now();
-        inodes.insert(
-            Ino::ROOT.0,
-            InodeRecord {
-                mode: S_IFDIR | 0o755,
-                uid: 0,
-                gid: 0,
-                nlink: 2,
-                size: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                crtime: now,
-                rdev: 0,
-                generation: 0,
-                parent: Ino::ROOT.0,
-                extents: vec![],
-                xattrs: vec![],
-                target: vec![],
-            },
-        );
+        let root = InodeRecord::empty_dir(0o755, 0, 0, Ino::ROOT.0, 0, Timestamp::now());
+        inodes.insert(Ino::ROOT.0, root);
         changed.insert(Ino::ROOT.0);
         r.repaired.push("recreated an empty root directory".into());
     }
@@ -345,27 +326,15 @@ fn lost_and_found(
     }
     let ino = fix.next_ino;
     fix.next_ino += 1;
-    let now = Timestamp::now();
-    inodes.insert(
-        ino,
-        InodeRecord {
-            mode: S_IFDIR | 0o700,
-            uid: 0,
-            gid: 0,
-            nlink: 2,
-            size: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            rdev: 0,
-            generation: fix.next_generation,
-            parent: Ino::ROOT.0,
-            extents: vec![],
-            xattrs: vec![],
-            target: vec![],
-        },
+    let lost = InodeRecord::empty_dir(
+        0o700,
+        0,
+        0,
+        Ino::ROOT.0,
+        fix.next_generation,
+        Timestamp::now(),
     );
+    inodes.insert(ino, lost);
     fix.next_generation += 1;
     fix.dirents.push((
         (Ino::ROOT.0, b"lost+found".to_vec()),

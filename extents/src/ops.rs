@@ -407,14 +407,7 @@ impl Fs {
         let now = Timestamp::now();
         let mut st = lock_write(&self.state);
         let p = st.get(parent)?;
-        let child = Ino(p
-            .dir
-            .as_ref()
-            .ok_or(FsError::NotDir)?
-            .entries
-            .get(name)
-            .ok_or(FsError::NotFound)?
-            .0);
+        let child = st.child(parent, name)?;
         let c = st.get(child)?;
         require(!c.is_dir(), FsError::IsDir)?;
         may_delete(cr, p, c)?;
@@ -438,14 +431,7 @@ impl Fs {
         let now = Timestamp::now();
         let mut st = lock_write(&self.state);
         let p = st.get(parent)?;
-        let child = Ino(p
-            .dir
-            .as_ref()
-            .ok_or(FsError::NotDir)?
-            .entries
-            .get(name)
-            .ok_or(FsError::NotFound)?
-            .0);
+        let child = st.child(parent, name)?;
         let c = st.get(child)?;
         let cdir = c.dir.as_ref().ok_or(FsError::NotDir)?;
         require(cdir.entries.is_empty(), FsError::NotEmpty)?;
@@ -500,14 +486,7 @@ impl Fs {
         let now = Timestamp::now();
         let mut st = lock_write(&self.state);
         let p = st.get(parent)?;
-        let src = Ino(p
-            .dir
-            .as_ref()
-            .ok_or(FsError::NotDir)?
-            .entries
-            .get(name)
-            .ok_or(FsError::NotFound)?
-            .0);
+        let src = st.child(parent, name)?;
         let np = st.get(newparent)?;
         let dst = np
             .dir

@@ -192,6 +192,27 @@ impl NearFs {
         }
     }
 
+    /// Feeds directory entries after `offset` to `add` until it reports the reply full.
+    fn each_entry(
+        &self,
+        ino: Ino,
+        mut offset: u64,
+        mut add: impl FnMut(&extents::DirEntry) -> bool,
+    ) -> extents::Result<()> {
+        loop {
+            let batch = self.fs.readdir(ino, offset, 128)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for e in &batch {
+                if add(e) {
+                    return Ok(());
+                }
+                offset = e.next;
+            }
+        }
+    }
+
     fn kind_of(&self, ino: Ino) -> extents::Result<FileKind> {
         self.fs.getattr(ino).map(|a| a.kind)
     }
@@ -514,26 +535,17 @@ impl Filesystem for NearFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let mut offset = offset;
-        loop {
-            let batch = match self.fs.readdir(Ino(ino.0), offset, 128) {
-                Ok(b) => b,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            if batch.is_empty() {
-                return reply.ok();
-            }
-            for e in batch {
-                if reply.add(
-                    INodeNo(e.ino.0),
-                    e.next,
-                    file_type(e.kind),
-                    OsStr::from_bytes(&e.name),
-                ) {
-                    return reply.ok();
-                }
-                offset = e.next;
-            }
+        let r = self.each_entry(Ino(ino.0), offset, |e| {
+            reply.add(
+                INodeNo(e.ino.0),
+                e.next,
+                file_type(e.kind),
+                OsStr::from_bytes(&e.name),
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -545,37 +557,30 @@ impl Filesystem for NearFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let mut offset = offset;
-        loop {
-            let batch = match self.fs.readdir(Ino(ino.0), offset, 64) {
-                Ok(b) => b,
-                Err(e) => return reply.error(errno(&e)),
+        let r = self.each_entry(Ino(ino.0), offset, |e| {
+            // An entry removed since the listing began is skipped.
+            let Ok(attr) = self.fs.getattr(e.ino) else {
+                return false;
             };
-            if batch.is_empty() {
-                return reply.ok();
+            let name = OsStr::from_bytes(&e.name);
+            let generation = Generation(attr.generation);
+            let full = reply.add(
+                INodeNo(e.ino.0),
+                e.next,
+                name,
+                &TTL,
+                &fuse_attr(&attr),
+                generation,
+            );
+            // Entries other than "." and ".." count as lookups, but only once they fit.
+            if !full && e.name != b"." && e.name != b".." {
+                self.fs.remember(e.ino);
             }
-            for e in batch {
-                let dot = e.name == b"." || e.name == b"..";
-                // Entries other than "." and ".." count as lookups, but only if they fit.
-                let Ok(attr) = self.fs.getattr(e.ino) else {
-                    continue;
-                };
-                let full = reply.add(
-                    INodeNo(e.ino.0),
-                    e.next,
-                    OsStr::from_bytes(&e.name),
-                    &TTL,
-                    &fuse_attr(&attr),
-                    Generation(attr.generation),
-                );
-                if full {
-                    return reply.ok();
-                }
-                if !dot {
-                    self.fs.remember(e.ino);
-                }
-                offset = e.next;
-            }
+            full
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
