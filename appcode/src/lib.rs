@@ -1,11 +1,13 @@
 //! The appcode runtime: eBPF programs that nearfs runs next to a file's data.
 //!
 //! This crate has no FUSE dependency, so that a storage server can reuse it. So far it
-//! holds the instruction codec and ISA classification ([`insn`]) and an assembler for the
-//! conformance-suite syntax ([`asm`]) with the suite's vectors ([`vectors`]); `tests/conformance.rs` measures rbpf 0.4.1 against
-//! the public conformance vectors. Loading, verification, rewriting and execution come next
-//! (see DESIGN.md, "rbpf 0.4.1 is not safe or exact on its own").
+//! holds the instruction codec and ISA classification ([`insn`]), an assembler for the
+//! conformance-suite syntax ([`asm`]) with the suite's vectors ([`vectors`]), and the
+//! rewrites that make rbpf 0.4.1's JIT exact ([`rewrite`]); `tests/conformance.rs` checks
+//! them against the public conformance vectors. ELF loading, verification, helpers, limits
+//! and the run API come next (see DESIGN.md, "rbpf 0.4.1 is not safe or exact on its own").
 
 pub mod asm;
 pub mod insn;
+pub mod rewrite;
 pub mod vectors;
