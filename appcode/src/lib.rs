@@ -3,7 +3,7 @@
 //! This crate has no FUSE dependency, so that a storage server can reuse it. So far it
 //! holds the instruction codec and ISA classification ([`insn`]), an assembler for the
 //! conformance-suite syntax ([`asm`]) with the suite's vectors ([`vectors`]), and the
-//! rewrites that make rbpf 0.4.1's JIT exact ([`rewrite`]); `tests/conformance.rs` checks
+//! rewrites that make rbpf 0.4.1's interpreter and JIT exact ([`rewrite`]); `tests/conformance.rs` checks
 //! them against the public conformance vectors. ELF loading, verification, helpers, limits
 //! and the run API come next (see DESIGN.md, "rbpf 0.4.1 is not safe or exact on its own").
 

@@ -1,6 +1,6 @@
-//! The conformance vectors through rbpf after `rewrite::for_rbpf`: the JIT is exact on
-//! every ISA v1–v3 vector, the interpreter on at least 95 %, everything else is refused
-//! with a reason. Each vector runs in a child process (examples/conformance.rs), so that
+//! The conformance vectors through rbpf after `rewrite::for_rbpf`: the JIT and the
+//! interpreter are both exact on every ISA v1–v3 vector, everything else is refused with a
+//! reason. Each vector runs in a child process (examples/conformance.rs), so that
 //! a misbehaving engine cannot take the test runner down.
 
 use std::process::Command;
