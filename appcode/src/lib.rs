@@ -5,7 +5,8 @@
 //! conformance-suite syntax ([`asm`]) with the suite's vectors ([`vectors`]), the loader
 //! and linker for clang's ELF objects ([`elf`]), and the rewrites that make rbpf 0.4.1's
 //! interpreter and JIT exact ([`rewrite`]); `tests/conformance.rs` checks them against the
-//! public conformance vectors. Verification, helpers, limits and the run API come next (see DESIGN.md, "rbpf 0.4.1 is not safe or exact on its own").
+//! public conformance vectors. Verification, helpers, limits and the run API come next
+//! (see DESIGN.md, "rbpf 0.4.1 is not safe or exact on its own").
 
 pub mod asm;
 pub mod elf;
