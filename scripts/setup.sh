@@ -9,4 +9,5 @@ install_packages
 echo "==> building nearfs (release)"
 cargo build --release --quiet
 install_mount_helper target/release/nearfs
-exec scripts/demo.sh target/release/nearfs
+# The demo shows the installed command, as a user would type it.
+exec scripts/demo.sh "$(command -v nearfs || echo target/release/nearfs)"
