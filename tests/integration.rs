@@ -251,11 +251,7 @@ fn two_users_share_a_mount_safely_through_allow_other() {
         &[],
         &format!("echo mine > {tmp}/n && chmod 644 {tmp}/n"),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let m = fs::metadata(t.path("tmp/n")).unwrap();
     assert_eq!((m.uid(), m.gid()), (65534, 65534));
     assert!(sh_as(1, 1, &[], &format!("cat {tmp}/n")).status.success());
@@ -358,18 +354,10 @@ fn damaged_images_are_refused_with_a_clear_message() {
 
 #[test]
 fn daemon_mode_returns_when_ready_and_umount_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("d.img");
-    let mnt = dir.path().join("m");
-    fs::create_dir(&mnt).unwrap();
+    let (_dir, image, mnt) = made_image("32M");
     let (img, mp) = (image.to_str().unwrap(), mnt.to_str().unwrap());
-    assert!(nearfs(&["mkfs", img, "--size", "32M"]).status.success());
     let out = nearfs(&["mount", img, mp]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let result = std::panic::catch_unwind(|| {
         assert!(
             is_mounted(&mnt),
@@ -396,15 +384,7 @@ fn daemon_mode_returns_when_ready_and_umount_flushes() {
 
 #[test]
 fn mount_helper_works_for_mount_t_and_fstab() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("d.img");
-    let mnt = dir.path().join("m");
-    fs::create_dir(&mnt).unwrap();
-    assert!(
-        nearfs(&["mkfs", image.to_str().unwrap(), "--size", "32M"])
-            .status
-            .success()
-    );
+    let (dir, image, mnt) = made_image("32M");
     let helper = Path::new("/sbin/mount.fuse.nearfs");
     assert!(
         helper.exists(),
@@ -417,11 +397,7 @@ fn mount_helper_works_for_mount_t_and_fstab() {
         .arg(&mnt)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let wrote = fs::write(mnt.join("f"), b"via mount -t");
     assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
     wrote.unwrap();
@@ -445,11 +421,7 @@ fn mount_helper_works_for_mount_t_and_fstab() {
         .arg(&mnt)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let read = fs::read(mnt.join("f"));
     let ro = fs::write(mnt.join("g"), b"x");
     assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
@@ -517,20 +489,12 @@ fn a_real_block_device_works_with_o_direct() {
     File::create(&backing).unwrap().set_len(64 << 20).unwrap();
     let dev = Loop::new(&backing);
     let out = nearfs(&["mkfs", &dev.0]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mnt = dir.path().join("m");
     fs::create_dir(&mnt).unwrap();
     let data = pattern(11, (5 << 20) + 4321);
     let out = nearfs(&["mount", &dev.0, mnt.to_str().unwrap(), "-o", "direct"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let result = std::panic::catch_unwind(|| {
         fs::write(mnt.join("f"), &data).unwrap();
         File::open(mnt.join("f")).unwrap().sync_all().unwrap();

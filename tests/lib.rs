@@ -31,6 +31,30 @@ pub fn nearfs(args: &[&str]) -> Output {
         .expect("run nearfs")
 }
 
+/// Asserts that a finished command succeeded, showing what it printed on stderr if not.
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A temporary directory holding a freshly made image `d.img` of `size` and an empty
+/// mountpoint `m`, for tests that mount by other means than [`TestFs`].
+pub fn made_image(size: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, mnt) = (dir.path().join("d.img"), dir.path().join("m"));
+    std::fs::create_dir(&mnt).expect("mountpoint");
+    assert_ok(&nearfs(&[
+        "mkfs",
+        image.to_str().expect("utf-8 path"),
+        "--size",
+        size,
+    ]));
+    (dir, image, mnt)
+}
+
 /// Whether `path` is a mount point right now.
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
