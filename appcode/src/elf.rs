@@ -93,6 +93,14 @@ pub struct DataRef {
     pub offset: u64,
 }
 
+/// A line of C source, from the object's BTF line info (`clang -g`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    pub file: String,
+    pub line: u32,
+    pub text: String,
+}
+
 /// One program, linked into a single instruction stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Linked {
@@ -100,6 +108,16 @@ pub struct Linked {
     pub name: String,
     pub insns: Vec<Insn>,
     pub data_refs: Vec<DataRef>,
+    /// Source lines by the slot where their code starts, sorted by slot.
+    pub lines: Vec<(usize, Line)>,
+}
+
+impl Linked {
+    /// The source line slot `at` was compiled from, if the object says.
+    pub fn line_of(&self, at: usize) -> Option<&Line> {
+        let i = self.lines.partition_point(|(s, _)| *s <= at);
+        i.checked_sub(1).map(|i| &self.lines[i].1)
+    }
 }
 
 /// Everything an object holds.
@@ -128,6 +146,7 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
     }
     let mut loaded = Loaded::default();
     let mut region_of: HashMap<SectionIndex, usize> = HashMap::new();
+    let line_info = btf_lines(&file).unwrap_or_default();
     let text = file.section_by_name(".text").filter(|s| s.size() > 0);
     for section in file.sections() {
         let Some(name) = section
@@ -163,10 +182,20 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
             linker.relocate(&sec, base, &bases, &mut insns)?;
         }
         let data_refs = linker.data_refs;
+        let mut lines = Vec::new();
+        for &(index, base) in &bases {
+            let sec = file.section_by_index(index).map_err(malformed)?;
+            let recs = sec.name().ok().and_then(|n| line_info.get(n));
+            for (off, line) in recs.into_iter().flatten() {
+                lines.push((base + *off as usize / INSN_SIZE, line.clone()));
+            }
+        }
+        lines.sort_by_key(|(slot, _)| *slot);
         loaded.programs.push(Linked {
             name: name.to_string(),
             insns,
             data_refs,
+            lines,
         });
     }
     if loaded.programs.is_empty() {
@@ -291,4 +320,54 @@ impl Linker<'_, '_, '_> {
         self.region_of.insert(index, r);
         Ok(r)
     }
+}
+
+/// BTF line info: for each code section, (byte offset, line) records. `None` if the
+/// object has none or it is malformed; line info only ever improves messages.
+fn btf_lines(file: &object::File<'_>) -> Option<HashMap<String, Vec<(u32, Line)>>> {
+    let btf = file.section_by_name(".BTF")?.data().ok()?;
+    let ext = file.section_by_name(".BTF.ext")?.data().ok()?;
+    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    // struct btf_header: magic u16, version u8, flags u8, hdr_len, type_off, type_len,
+    // str_off, str_len (u32 each).
+    if btf.get(0..2)? != [0x9f, 0xeb] || ext.get(0..2)? != [0x9f, 0xeb] {
+        return None;
+    }
+    let strings_at = u32_at(btf, 4)? as usize + u32_at(btf, 16)? as usize;
+    let strings = btf.get(strings_at..strings_at + u32_at(btf, 20)? as usize)?;
+    let string = |off: u32| -> Option<String> {
+        let s = strings.get(off as usize..)?;
+        let end = s.iter().position(|&b| b == 0)?;
+        Some(String::from_utf8_lossy(&s[..end]).into_owned())
+    };
+    // struct btf_ext_header: magic, version, flags, hdr_len, func_info_off, func_info_len,
+    // line_info_off, line_info_len.
+    let at = u32_at(ext, 4)? as usize + u32_at(ext, 16)? as usize;
+    let info = ext.get(at..at + u32_at(ext, 20)? as usize)?;
+    let rec_size = u32_at(info, 0)? as usize;
+    if rec_size < 16 {
+        return None;
+    }
+    let mut out: HashMap<String, Vec<(u32, Line)>> = HashMap::new();
+    let mut pos = 4;
+    while pos < info.len() {
+        let section = string(u32_at(info, pos)?)?;
+        let count = u32_at(info, pos + 4)? as usize;
+        pos += 8;
+        for _ in 0..count {
+            let rec = info.get(pos..pos + rec_size)?;
+            let line = Line {
+                file: string(u32_at(rec, 4)?)?,
+                line: u32_at(rec, 12)? >> 10,
+                text: string(u32_at(rec, 8)?)?,
+            };
+            out.entry(section.clone())
+                .or_default()
+                .push((u32_at(rec, 0)?, line));
+            pos += rec_size;
+        }
+    }
+    Some(out)
 }

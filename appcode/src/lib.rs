@@ -8,8 +8,19 @@
 //! public conformance vectors. Verification, helpers, limits and the run API come next
 //! (see DESIGN.md, "rbpf 0.4.1 is not safe or exact on its own").
 
+pub mod abi;
 pub mod asm;
+pub mod disasm;
 pub mod elf;
+mod exec;
+pub mod inline;
 pub mod insn;
+pub mod program;
 pub mod rewrite;
+pub mod run;
 pub mod vectors;
+pub mod verify;
+
+pub use exec::Mode;
+pub use program::{Program, ProgramError};
+pub use run::{Costs, Extent, Limits, Outcome, Request, RunError, World};
