@@ -6,6 +6,11 @@
 //! each run publishes itself in [`CURRENT`] for the duration of one invocation, on the
 //! thread that executes it. Helpers never unwind into JIT code: a panic is caught, recorded
 //! as a fault of the run, and turned into an error return.
+//!
+//! rbpf's JIT calls helpers with the stack 8 bytes off the 16-byte alignment the x86-64
+//! ABI promises at a call (its prologue `call`s into the program body to make `exit` a
+//! `ret`), so compiled Rust that keeps aligned vectors on the stack faults. JIT code
+//! therefore calls [`aligned`] trampolines, which realign the stack and call the helper.
 
 use std::cell::Cell;
 use std::mem::ManuallyDrop;
@@ -52,7 +57,11 @@ impl Engine {
         let build = || -> Result<rbpf::EbpfVmRaw<'static>, std::io::Error> {
             let mut vm = rbpf::EbpfVmRaw::new(Some(bytes))?;
             for id in abi::HELPERS {
-                vm.register_helper(id as u32, trampoline(id))?;
+                let f = match mode {
+                    Mode::Jit => aligned::helper(id),
+                    Mode::Interpreter => helper(id),
+                };
+                vm.register_helper(id as u32, f)?;
             }
             for r in readable {
                 vm.register_allowed_memory(r.clone());
@@ -169,7 +178,7 @@ fn plausible(len: u64) -> bool {
     len <= abi::WINDOW_SIZE.max(abi::SCRATCH_SIZE).max(abi::ARG_SIZE) as u64
 }
 
-fn h_read(off: u64, dst: u64, len: u64, _: u64, _: u64) -> u64 {
+extern "sysv64" fn h_read(off: u64, dst: u64, len: u64, _: u64, _: u64) -> u64 {
     with_run(|run| {
         if !plausible(len) {
             return -errno::EINVAL;
@@ -179,7 +188,7 @@ fn h_read(off: u64, dst: u64, len: u64, _: u64, _: u64) -> u64 {
     })
 }
 
-fn h_write(off: u64, src: u64, len: u64, _: u64, _: u64) -> u64 {
+extern "sysv64" fn h_write(off: u64, src: u64, len: u64, _: u64, _: u64) -> u64 {
     with_run(|run| {
         if !plausible(len) {
             return -errno::EINVAL;
@@ -189,7 +198,7 @@ fn h_write(off: u64, src: u64, len: u64, _: u64, _: u64) -> u64 {
     })
 }
 
-fn h_emit(src: u64, len: u64, _: u64, _: u64, _: u64) -> u64 {
+extern "sysv64" fn h_emit(src: u64, len: u64, _: u64, _: u64, _: u64) -> u64 {
     with_run(|run| {
         if !plausible(len) {
             return -errno::EINVAL;
@@ -199,7 +208,7 @@ fn h_emit(src: u64, len: u64, _: u64, _: u64, _: u64) -> u64 {
     })
 }
 
-fn h_memcmp(a: u64, b: u64, len: u64, _: u64, _: u64) -> u64 {
+extern "sysv64" fn h_memcmp(a: u64, b: u64, len: u64, _: u64, _: u64) -> u64 {
     with_run(|_| {
         if !plausible(len) {
             return -errno::EINVAL;
@@ -210,7 +219,7 @@ fn h_memcmp(a: u64, b: u64, len: u64, _: u64, _: u64) -> u64 {
     })
 }
 
-fn h_memmem(hay: u64, hay_len: u64, needle: u64, needle_len: u64, _: u64) -> u64 {
+extern "sysv64" fn h_memmem(hay: u64, hay_len: u64, needle: u64, needle_len: u64, _: u64) -> u64 {
     with_run(|_| {
         if !plausible(hay_len) || !plausible(needle_len) {
             return -errno::EINVAL;
@@ -241,13 +250,69 @@ pub fn memmem(hay: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
-fn trampoline(id: i32) -> rbpf::ebpf::Helper {
+type SysvHelper = extern "sysv64" fn(u64, u64, u64, u64, u64) -> u64;
+
+/// Helpers as the interpreter calls them: plain Rust functions.
+fn helper(id: i32) -> rbpf::ebpf::Helper {
+    macro_rules! rust {
+        ($f:ident) => {{
+            fn call(a: u64, b: u64, c: u64, d: u64, e: u64) -> u64 {
+                $f(a, b, c, d, e)
+            }
+            call
+        }};
+    }
     match id {
-        helper::READ => h_read,
-        helper::WRITE => h_write,
-        helper::EMIT => h_emit,
-        helper::MEMCMP => h_memcmp,
-        _ => h_memmem,
+        helper::READ => rust!(h_read),
+        helper::WRITE => rust!(h_write),
+        helper::EMIT => rust!(h_emit),
+        helper::MEMCMP => rust!(h_memcmp),
+        _ => rust!(h_memmem),
+    }
+}
+
+/// Stack-realigning entry points for JIT code.
+mod aligned {
+    use super::*;
+
+    macro_rules! trampoline {
+        ($name:ident, $target:ident) => {
+            /// Realigns the stack to 16 bytes, then calls the helper with the same
+            /// arguments (rdi, rsi, rdx, rcx, r8 are untouched).
+            #[unsafe(naked)]
+            extern "sysv64" fn $name(_: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
+                core::arch::naked_asm!(
+                    "push rbp",
+                    "mov rbp, rsp",
+                    "and rsp, -16",
+                    "call {target}",
+                    "mov rsp, rbp",
+                    "pop rbp",
+                    "ret",
+                    target = sym $target,
+                )
+            }
+        };
+    }
+    trampoline!(t_read, h_read);
+    trampoline!(t_write, h_write);
+    trampoline!(t_emit, h_emit);
+    trampoline!(t_memcmp, h_memcmp);
+    trampoline!(t_memmem, h_memmem);
+
+    /// The trampoline for helper `id`, typed as rbpf wants it. JIT code calls it with
+    /// the System V convention, which is what it is; nothing calls it as a Rust function.
+    pub(super) fn helper(id: i32) -> rbpf::ebpf::Helper {
+        let f: SysvHelper = match id {
+            helper::READ => t_read,
+            helper::WRITE => t_write,
+            helper::EMIT => t_emit,
+            helper::MEMCMP => t_memcmp,
+            _ => t_memmem,
+        };
+        // SAFETY: both are code pointers of the same size; rbpf's JIT only takes the
+        // address and calls it with arguments in rdi, rsi, rdx, rcx, r8 (System V).
+        unsafe { std::mem::transmute::<SysvHelper, rbpf::ebpf::Helper>(f) }
     }
 }
 

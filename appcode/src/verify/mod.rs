@@ -74,6 +74,10 @@ pub struct Rejection {
 #[non_exhaustive]
 pub enum Reason {
     Unsupported(Unsupported),
+    /// More instruction slots than `elf::MAX_INSNS`.
+    TooLarge {
+        insns: usize,
+    },
     BadRegister(u8),
     FramePointerWrite,
     JumpOutside,
@@ -139,6 +143,11 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::Unsupported(u) => write!(f, "{u}"),
+            Reason::TooLarge { insns } => write!(
+                f,
+                "{insns} instructions; the limit is {}",
+                crate::elf::MAX_INSNS
+            ),
             Reason::BadRegister(r) => write!(f, "there is no register r{r}"),
             Reason::FramePointerWrite => write!(f, "r10, the frame pointer, is read-only"),
             Reason::JumpOutside => write!(f, "jump target outside the program"),
@@ -414,6 +423,9 @@ fn scalar(r: Range) -> Value {
 /// Checks what does not depend on values; returns which slots are jump targets.
 fn check_structure(insns: &[Insn], refs: &[DataRef]) -> Result<Vec<bool>, (usize, Reason)> {
     let n = insns.len();
+    if n > crate::elf::MAX_INSNS {
+        return Err((0, Reason::TooLarge { insns: n }));
+    }
     let mut prune = vec![false; n];
     let mut second = vec![false; n];
     let mut pc = 0;
@@ -1070,6 +1082,10 @@ impl Explorer<'_> {
 
     fn ctx_field(&self, off: i64, size: i64, store: Option<Value>) -> Result<Value, Reason> {
         let whole = size == 8 && off % 8 == 0;
+        if off < i64::from(ctx::ARG_LEN) && !whole {
+            // Part of a pointer field.
+            return Err(Reason::CtxField { off, size });
+        }
         let pointer = match off as i16 {
             ctx::DATA => Some(Region::Data),
             ctx::DATA_END => None,

@@ -1,0 +1,8 @@
+// expect: reject OutOfBounds
+#include "nearfs.h"
+
+/* Reads the context at an offset the caller chooses. */
+NEARFS_PROG("ctx_index") long ctx_index(struct nearfs_ctx *ctx)
+{
+    return *(const __u64 *)((const char *)ctx + (ctx->arg_len & 0xff));
+}

@@ -1,0 +1,3 @@
+# expect: reject CtxField
+ldxw %r0, [%r1]
+exit

@@ -1,0 +1,2 @@
+# expect: reject FallsOffEnd
+mov %r0, 0

@@ -1,0 +1,5 @@
+# expect: reject HelperArg
+mov %r2, 8
+call 3
+mov %r0, 0
+exit

@@ -1,0 +1,9 @@
+# expect: reject HelperArg
+# a length taken from the file
+ldxdw %r4, [%r1]
+ldxdw %r3, [%r4]
+ldxdw %r2, [%r1+16]
+mov %r1, 0
+call 1
+mov %r0, 0
+exit

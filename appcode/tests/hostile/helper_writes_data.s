@@ -1,0 +1,7 @@
+# expect: reject HelperArg
+ldxdw %r2, [%r1]
+mov %r1, 0
+mov %r3, 8
+call 1
+mov %r0, 0
+exit

@@ -1,0 +1,3 @@
+# expect: reject ReturnsPointer
+mov %r0, %r10
+exit

@@ -1,0 +1,3 @@
+# expect: reject PointerLeak
+mov32 %r0, %r1
+exit

@@ -1,0 +1,4 @@
+# expect: reject Loop
+mov %r0, 0
+l:
+ja l

@@ -1,0 +1,4 @@
+# expect: reject OutOfBounds
+ldxdw %r3, [%r1+24]
+ldxb %r0, [%r3+1024]
+exit

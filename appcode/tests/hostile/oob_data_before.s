@@ -1,0 +1,4 @@
+# expect: reject OutOfBounds
+ldxdw %r2, [%r1]
+ldxb %r0, [%r2-1]
+exit

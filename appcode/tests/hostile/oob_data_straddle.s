@@ -1,0 +1,4 @@
+# expect: reject OutOfBounds
+ldxdw %r2, [%r1]
+ldxdw %r0, [%r2+4092]
+exit

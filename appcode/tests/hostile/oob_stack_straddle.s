@@ -1,0 +1,4 @@
+# expect: reject OutOfBounds
+stdw [%r10-4], 1
+mov %r0, 0
+exit

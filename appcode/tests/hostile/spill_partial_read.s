@@ -1,0 +1,4 @@
+# expect: reject SpilledPointer
+stxdw [%r10-8], %r1
+ldxw %r0, [%r10-8]
+exit

@@ -1,0 +1,3 @@
+# expect: reject Uninit
+mov %r0, %r5
+exit

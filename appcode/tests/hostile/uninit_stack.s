@@ -1,0 +1,3 @@
+# expect: reject UninitStack
+ldxdw %r0, [%r10-8]
+exit

@@ -1,0 +1,3 @@
+# expect: reject UnknownHelper
+call 99
+exit

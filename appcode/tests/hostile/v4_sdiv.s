@@ -1,0 +1,4 @@
+# expect: reject Unsupported
+mov %r0, 7
+sdiv %r0, 2
+exit
