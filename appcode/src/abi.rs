@@ -53,8 +53,9 @@ pub mod helper {
     pub const EMIT: i32 = 3;
     /// `long nearfs_memcmp(const void *a, const void *b, u64 len)`: <0, 0 or >0.
     pub const MEMCMP: i32 = 4;
-    /// `long nearfs_memmem(const void *hay, u64 hay_len, const void *needle, u64 needle_len)`:
-    /// offset of the first match, or -1.
+    /// `long nearfs_memmem(const void *hay, u64 hay_len, u64 start, const void *needle,
+    /// u64 needle_len)`: offset in `hay` of the first match at or after `start`, or -1.
+    /// (`start` is a number, not a moved pointer, so that the verifier can bound `hay`.)
     pub const MEMMEM: i32 = 5;
 }
 
@@ -86,7 +87,7 @@ pub fn prototype(id: i32) -> Option<Prototype> {
         helper::WRITE => ("nearfs_write", &[Scalar, ReadMem(3), Len]),
         helper::EMIT => ("nearfs_emit", &[ReadMem(2), Len]),
         helper::MEMCMP => ("nearfs_memcmp", &[ReadMem(3), ReadMem(3), Len]),
-        helper::MEMMEM => ("nearfs_memmem", &[ReadMem(2), Len, ReadMem(4), Len]),
+        helper::MEMMEM => ("nearfs_memmem", &[ReadMem(2), Len, Scalar, ReadMem(5), Len]),
         _ => return None,
     };
     Some(Prototype { name, args })

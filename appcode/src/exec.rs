@@ -219,14 +219,23 @@ extern "sysv64" fn h_memcmp(a: u64, b: u64, len: u64, _: u64, _: u64) -> u64 {
     })
 }
 
-extern "sysv64" fn h_memmem(hay: u64, hay_len: u64, needle: u64, needle_len: u64, _: u64) -> u64 {
+extern "sysv64" fn h_memmem(
+    hay: u64,
+    hay_len: u64,
+    start: u64,
+    needle: u64,
+    needle_len: u64,
+) -> u64 {
     with_run(|_| {
         if !plausible(hay_len) || !plausible(needle_len) {
             return -errno::EINVAL;
         }
-        // SAFETY: `ReadMem(2)` and `ReadMem(4)` arguments, proven by the verifier.
+        if start > hay_len {
+            return -1;
+        }
+        // SAFETY: `ReadMem(2)` and `ReadMem(5)` arguments, proven by the verifier.
         let (h, n) = unsafe { (guest(hay, hay_len), guest(needle, needle_len)) };
-        memmem(h, n).map_or(-1, |at| at as i64)
+        memmem(&h[start as usize..], n).map_or(-1, |at| (start as usize + at) as i64)
     })
 }
 

@@ -3,7 +3,13 @@
 mod common;
 
 use appcode::{Mode, Program, Request};
-use common::{TestFile, compile_file, progs_dir};
+use common::{Rng, TestFile, build_btree, compile_file, progs_dir};
+
+const MODES: [Mode; 2] = [Mode::Jit, Mode::Interpreter];
+
+fn u64s(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
 
 fn load(file: &str, name: &str, mode: Mode) -> Program {
     let obj = compile_file(&progs_dir().join(file), "v3");
@@ -29,6 +35,238 @@ fn bytecount_counts_across_hops() {
         assert_eq!(out.result, want, "{mode:?}");
         assert_eq!(out.costs.hops, 2);
         assert_eq!(out.costs.device_bytes, data.len() as u64);
-        println!("{:?} {:?}", p.verified(), out.costs);
+    }
+}
+
+#[test]
+fn every_example_verifies_on_every_cpu_version() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(progs_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "c") {
+            continue;
+        }
+        for cpu in ["v1", "v2", "v3"] {
+            let obj = compile_file(&path, cpu);
+            let loaded = appcode::elf::load(&obj).unwrap();
+            for prog in &loaded.programs {
+                for mode in MODES {
+                    Program::from_elf(&obj, Some(&prog.name), mode)
+                        .unwrap_or_else(|e| panic!("{} -mcpu={cpu} {mode:?}: {e}", path.display()));
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 6 * 3, "only {checked} programs");
+}
+
+#[test]
+fn bsearch_finds_present_keys_and_not_absent_ones() {
+    let mut rng = Rng(7);
+    let mut keys: Vec<u64> = (0..5000).map(|_| rng.below(1 << 40) * 2).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let file = TestFile::new(&u64s(&keys));
+    for mode in MODES {
+        let p = load("bsearch.c", "bsearch", mode);
+        for probe in 0..200 {
+            let (key, want) = if probe % 2 == 0 {
+                let i = rng.below(keys.len() as u64) as usize;
+                (keys[i], i as i64)
+            } else {
+                (rng.below(1 << 40) * 2 + 1, -1)
+            };
+            let out = p
+                .run(
+                    file.world(false),
+                    &Request {
+                        arg: &key.to_le_bytes(),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(out.result as i64, want, "{mode:?} key {key}");
+        }
+    }
+}
+
+#[test]
+fn btree_lookups_agree_with_a_map_at_every_depth() {
+    let mut rng = Rng(11);
+    for n in [100usize, 5_000, 300_000] {
+        let mut pairs: Vec<(u64, u64)> = (0..n)
+            .map(|_| (rng.below(1 << 50), rng.next() >> 1))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup_by_key(|p| p.0);
+        let (bytes, depth) = build_btree(&pairs);
+        let file = TestFile::new(&bytes);
+        for mode in MODES {
+            let p = load("btree.c", "btree_lookup", mode);
+            for probe in 0..100 {
+                let (key, want) = if probe % 3 == 2 {
+                    (pairs[0].0.wrapping_sub(1) | 1 << 63, -1i64)
+                } else {
+                    let (k, v) = pairs[rng.below(pairs.len() as u64) as usize];
+                    (k, v as i64)
+                };
+                let out = p
+                    .run(
+                        file.world(false),
+                        &Request {
+                            arg: &key.to_le_bytes(),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                assert_eq!(out.result as i64, want, "{mode:?} n={n} key {key}");
+                if want >= 0 {
+                    assert_eq!(out.costs.hops as usize, depth - 1);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn filter_aggregates_what_a_loop_over_the_records_does() {
+    let mut rng = Rng(3);
+    let recs: Vec<(u64, u64)> = (0..10_001).map(|i| (i, rng.below(1_000_000))).collect();
+    let bytes: Vec<u8> = recs
+        .iter()
+        .flat_map(|&(k, v)| [k.to_le_bytes(), v.to_le_bytes()])
+        .flatten()
+        .collect();
+    let file = TestFile::new(&bytes);
+    let (lo, hi) = (100_000u64, 250_000u64);
+    let hits: Vec<u64> = recs
+        .iter()
+        .map(|r| r.1)
+        .filter(|v| (lo..=hi).contains(v))
+        .collect();
+    let want = [
+        hits.len() as u64,
+        hits.iter().sum(),
+        *hits.iter().min().unwrap(),
+        *hits.iter().max().unwrap(),
+    ];
+    for mode in MODES {
+        let p = load("filter.c", "filter", mode);
+        let out = p
+            .run(
+                file.world(false),
+                &Request {
+                    arg: &u64s(&[lo, hi]),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(out.result, want[0], "{mode:?}");
+        assert_eq!(out.output, u64s(&want), "{mode:?}");
+    }
+}
+
+#[test]
+fn kv_increment_checks_the_key_and_writes_only_with_intent() {
+    let mut bytes = vec![0u8; 64 * 100];
+    for slot in 0..100 {
+        bytes[slot * 64..slot * 64 + 56].fill(slot as u8 + 1);
+    }
+    let file = TestFile::new(&bytes);
+    let request = |slot: u64, key: u8| {
+        let mut a = slot.to_le_bytes().to_vec();
+        a.extend([key; 56]);
+        a
+    };
+    for mode in MODES {
+        let p = load("kv_increment.c", "kv_increment", mode);
+        let arg = request(42, 43);
+        for round in 1..=3u64 {
+            let out = p
+                .run(
+                    file.world(true),
+                    &Request {
+                        arg: &arg,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(out.written, vec![42 * 64 + 56..42 * 64 + 64]);
+            let _ = round;
+        }
+        let wrong_key = p
+            .run(
+                file.world(true),
+                &Request {
+                    arg: &request(42, 7),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(wrong_key.result as i64, -2);
+        let read_only = p
+            .run(
+                file.world(false),
+                &Request {
+                    arg: &arg,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(read_only.result as i64, -1, "EPERM without write intent");
+        assert!(read_only.written.is_empty());
+    }
+    let mut counter = [0u8; 8];
+    blockdev::BlockDevice::read_at(
+        &file.device,
+        &mut counter,
+        file.extents[0].dev_off + 42 * 64 + 56,
+    )
+    .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(counter),
+        6,
+        "three increments on each engine"
+    );
+}
+
+#[test]
+fn substr_emits_every_match_once_across_windows() {
+    let mut rng = Rng(5);
+    let mut bytes: Vec<u8> = (0..20_000).map(|_| b"ab"[rng.below(2) as usize]).collect();
+    // Plant matches across the first window boundaries.
+    bytes[4090..4100].copy_from_slice(b"needle-xyz");
+    bytes[8180..8190].copy_from_slice(b"needle-xyz");
+    let needle = b"needle-x";
+    let want: Vec<u64> = (0..=bytes.len() - needle.len())
+        .filter(|&i| &bytes[i..i + needle.len()] == needle)
+        .map(|i| i as u64)
+        .collect();
+    let file = TestFile::new(&bytes);
+    for mode in MODES {
+        let p = load("substr.c", "substr", mode);
+        let out = p
+            .run(
+                file.world(false),
+                &Request {
+                    arg: needle,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(out.result, want.len() as u64);
+        assert_eq!(out.output, u64s(&want), "{mode:?}");
+        let aab = p
+            .run(
+                file.world(false),
+                &Request {
+                    arg: b"ab",
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let count = bytes.windows(2).filter(|w| w == b"ab").count();
+        assert_eq!(aab.result as usize, count);
     }
 }

@@ -53,9 +53,10 @@ static long (*const nearfs_write)(__u64 off, const void *src, __u64 len) = (void
 static long (*const nearfs_emit)(const void *src, __u64 len) = (void *)NEARFS_HELPER_EMIT;
 /* Compares len bytes: <0, 0 or >0, as memcmp. */
 static long (*const nearfs_memcmp)(const void *a, const void *b, __u64 len) = (void *)NEARFS_HELPER_MEMCMP;
-/* Offset of the first occurrence of needle in hay, or -1. */
-static long (*const nearfs_memmem)(const void *hay, __u64 hay_len, const void *needle,
-                                   __u64 needle_len) = (void *)NEARFS_HELPER_MEMMEM;
+/* Offset in hay of the first occurrence of needle at or after start, or -1. Pass the
+ * start as a number rather than moving hay, so that the verifier can bound hay_len. */
+static long (*const nearfs_memmem)(const void *hay, __u64 hay_len, __u64 start,
+                                   const void *needle, __u64 needle_len) = (void *)NEARFS_HELPER_MEMMEM;
 
 /* Ends this invocation and asks for another with the window at file offset off. */
 static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)

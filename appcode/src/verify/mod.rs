@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::abi::{self, Arg, STACK_SIZE, ctx};
 use crate::elf::DataRef;
 use crate::insn::{self, CALL_HELPER, Insn, SRC_X, Unsupported, alu, class, jmp, mem};
-use value::{Range, Region, Slot, Value, alu_range};
+use value::{Link, Range, Region, Slot, Thresholds, Value, alu_range};
 
 /// Bounds on the verifier's own work.
 #[derive(Clone, Copy, Debug)]
@@ -240,9 +240,8 @@ const FP: usize = 10;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct State {
     regs: [Value; 11],
-    /// Registers with the same nonzero id hold the same value (copies made by `mov`), so
-    /// a comparison that narrows one narrows them all.
-    ids: [u32; 11],
+    /// How registers relate to each other (see [`Link`]).
+    links: [Link; 11],
     /// Stack slots from the top (index 0 is r10-8..r10); missing slots are empty.
     stack: Vec<Slot>,
 }
@@ -267,28 +266,98 @@ impl State {
 
     fn set(&mut self, r: u8, v: Value) {
         self.regs[r as usize] = v;
-        self.ids[r as usize] = 0;
+        self.links[r as usize] = Link::NONE;
     }
 
-    /// Gives `v` to register `r` and to every register known to equal it.
-    fn narrow(&mut self, r: u8, v: Value) {
-        let id = self.ids[r as usize];
+    /// Narrows register `r` to `v`, and every register and slot linked to it likewise;
+    /// `false` if that leaves one of them no value (the path is impossible).
+    fn narrow(&mut self, r: u8, v: Value) -> bool {
+        let link = self.links[r as usize];
+        let Some(v) = self.regs[r as usize].meet(&v) else {
+            return false;
+        };
         self.regs[r as usize] = v;
-        if id != 0 {
-            for k in 0..FP {
-                if self.ids[k] == id {
-                    self.regs[k] = v;
+        if link.id == 0 {
+            return true;
+        }
+        let moved =
+            |other: &Link, old: &Value| old.meet(&v.shifted(other.delta.wrapping_sub(link.delta)));
+        for k in 0..FP {
+            if k != r as usize && self.links[k].id == link.id {
+                match moved(&self.links[k], &self.regs[k]) {
+                    Some(n) => self.regs[k] = n,
+                    None => return false,
                 }
             }
         }
+        for slot in &mut self.stack {
+            if let Slot::Spill(w, l) = slot
+                && l.id == link.id
+            {
+                match moved(l, w) {
+                    Some(n) => *w = n,
+                    None => return false,
+                }
+            }
+        }
+        true
+    }
+
+    fn same_shape(&self, other: &State) -> bool {
+        self.links == other.links
+            && self.stack.len() == other.stack.len()
+            && self
+                .regs
+                .iter()
+                .zip(&other.regs)
+                .all(|(a, b)| a.same_shape(b))
+            && self
+                .stack
+                .iter()
+                .zip(&other.stack)
+                .all(|(a, b)| a.same_shape(b))
+    }
+
+    /// A hash equal for states of the same shape (`same_shape`).
+    fn shape_hash(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.links.hash(&mut h);
+        let shape = |v: &Value| match v {
+            Value::Uninit => (0u8, None),
+            Value::Scalar(r) => (1, r.constant()),
+            Value::Ptr { off, .. } => (2, off.constant()),
+        };
+        for v in &self.regs {
+            shape(v).hash(&mut h);
+        }
+        for s in &self.stack {
+            match s {
+                Slot::Bytes(m) => (3u8, u64::from(*m), Link::NONE).hash(&mut h),
+                Slot::Spill(v, l) => (shape(v), l).hash(&mut h),
+            }
+        }
+        h.finish()
+    }
+
+    fn join(&self, other: &State, t: Option<&Thresholds>) -> State {
+        let mut out = self.clone();
+        for (r, v) in out.regs.iter_mut().zip(&other.regs) {
+            *r = r.join(v, t);
+        }
+        for (s, o) in out.stack.iter_mut().zip(&other.stack) {
+            if let (Slot::Spill(a, _), Slot::Spill(b, _)) = (s, o) {
+                *a = a.join(b, t);
+            }
+        }
+        out
     }
 
     fn covers(&self, other: &State) -> bool {
         // Canonical ids: a relation `self` relied on must hold in `other` too.
-        self.ids
+        self.links
             .iter()
-            .zip(&other.ids)
-            .all(|(a, b)| *a == 0 || a == b)
+            .zip(&other.links)
+            .all(|(a, b)| a.implied_by(b))
             && self.regs.iter().zip(&other.regs).all(|(a, b)| a.covers(b))
             && (0..self.stack.len().max(other.stack.len()))
                 .all(|k| self.slot(k).covers(&other.slot(k)))
@@ -298,13 +367,16 @@ impl State {
         for r in 0..FP {
             if live & 1 << r == 0 {
                 self.regs[r] = Value::Uninit;
-                self.ids[r] = 0;
+                self.links[r] = Link::NONE;
             }
         }
         // Number ids by first appearance; an id on one register says nothing.
+        let slot_ids = self.stack.iter().filter_map(|s| match s {
+            Slot::Spill(_, l) => Some(l.id),
+            Slot::Bytes(_) => None,
+        });
         let mut map: Vec<(u32, u32, usize)> = Vec::new();
-        for r in 0..FP {
-            let id = self.ids[r];
+        for id in self.links[..FP].iter().map(|l| l.id).chain(slot_ids) {
             if id == 0 {
                 continue;
             }
@@ -313,9 +385,21 @@ impl State {
                 None => map.push((id, map.len() as u32 + 1, 1)),
             }
         }
+        let renumber = |link: &mut Link| {
+            if let Some(&(_, new, n)) = map.iter().find(|(old, _, _)| *old == link.id) {
+                *link = if n > 1 {
+                    Link { id: new, ..*link }
+                } else {
+                    Link::NONE
+                };
+            }
+        };
         for r in 0..FP {
-            if let Some(&(_, new, n)) = map.iter().find(|(old, _, _)| *old == self.ids[r]) {
-                self.ids[r] = if n > 1 { new } else { 0 };
+            renumber(&mut self.links[r]);
+        }
+        for slot in &mut self.stack {
+            if let Slot::Spill(_, l) = slot {
+                renumber(l);
             }
         }
         while self.stack.last() == Some(&Slot::EMPTY) {
@@ -376,6 +460,22 @@ pub fn verify(
         start: Instant::now(),
         stack_used: 0,
         next_id: 0,
+        joins: HashMap::new(),
+        thresholds: Thresholds::new(
+            insns
+                .iter()
+                .filter(|i| i.class() == class::JMP || i.class() == class::JMP32)
+                .map(|i| i.imm as i64 as u64)
+                .chain(
+                    [
+                        abi::WINDOW_SIZE,
+                        abi::SCRATCH_SIZE,
+                        abi::ARG_SIZE,
+                        STACK_SIZE,
+                    ]
+                    .map(|n| n as u64),
+                ),
+        ),
     };
     let mut regs = [Value::Uninit; 11];
     regs[1] = ptr(Region::Ctx, 0);
@@ -393,7 +493,7 @@ pub fn verify(
         0,
         State {
             regs,
-            ids: [0; 11],
+            links: [Link::NONE; 11],
             stack: Vec::new(),
         },
         0,
@@ -751,9 +851,14 @@ struct Explorer<'p> {
     start: Instant,
     stack_used: usize,
     next_id: u32,
+    thresholds: Thresholds,
+    /// Joins so far by point and state shape (see `State::shape_hash`).
+    joins: HashMap<(usize, u64), u32>,
 }
 
 const RECENT: usize = 16;
+/// Joins at one point before ranges are widened.
+const WIDEN_AFTER: u32 = 8;
 
 impl Explorer<'_> {
     /// Runs node `n`'s path from `pc` to its next jump target, branch or exit.
@@ -833,6 +938,25 @@ impl Explorer<'_> {
             parent.cost = parent.cost.max(cost);
             return Ok(());
         }
+        // A finished state of the same shape here: explore the join of the two instead, so
+        // that paths that differ only in ranges (not in constants such as a loop counter)
+        // stop multiplying.
+        let similar = self.recent[pc].iter().rev().copied().find(|&m| {
+            self.nodes[m as usize].done
+                && self.states[m as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.same_shape(&state))
+        });
+        if let Some(m) = similar {
+            // Unions first, which keep every bound a test established; only a point joined
+            // again and again is widened, so that ranges stop growing.
+            let joins = self.joins.entry((pc, state.shape_hash())).or_default();
+            *joins += 1;
+            let widen = (*joins > WIDEN_AFTER).then_some(&self.thresholds);
+            let old = self.states[m as usize].as_ref().unwrap();
+            state = old.join(&state, widen);
+        }
+        let hash = state.hash64();
         let m = self.nodes.len() as u32;
         self.nodes.push(Node {
             parent: Some(n),
@@ -900,27 +1024,42 @@ impl Explorer<'_> {
                 Ok(Flow::Next(2))
             }
             class::LDX => {
-                let v = self.access(state, i.src, i.off, size_of_op(i.op), None)?;
+                let (v, link) = self.access(state, i.src, i.off, size_of_op(i.op), None)?;
                 state.set(i.dst, v);
+                state.links[i.dst as usize] = link;
                 Ok(Flow::Next(1))
             }
             class::ST | class::STX => {
-                let v = if i.class() == class::ST {
+                let (v, id) = if i.class() == class::ST {
                     let size = size_of_op(i.op);
                     let imm = i.imm as i64 as u64;
-                    scalar(Range::konst(if size == 8 {
+                    let v = scalar(Range::konst(if size == 8 {
                         imm
                     } else {
                         imm & ((1u64 << (8 * size)) - 1)
-                    }))
+                    }));
+                    (v, Link::NONE)
                 } else {
-                    self.read(state, i.src)?
+                    let v = self.read(state, i.src)?;
+                    (v, self.link_of(state, i.src))
                 };
-                self.access(state, i.dst, i.off, size_of_op(i.op), Some(v))?;
+                self.access(state, i.dst, i.off, size_of_op(i.op), Some((v, id)))?;
                 Ok(Flow::Next(1))
             }
             _ => self.jump(state, &i, pc),
         }
+    }
+
+    /// The link of register `r`, giving it a fresh id if it has none.
+    fn link_of(&mut self, state: &mut State, r: u8) -> Link {
+        if state.links[r as usize].id == 0 {
+            self.next_id += 1;
+            state.links[r as usize] = Link {
+                id: self.next_id,
+                delta: 0,
+            };
+        }
+        state.links[r as usize]
     }
 
     fn alu(&mut self, state: &mut State, i: &Insn) -> Result<(), Reason> {
@@ -986,13 +1125,21 @@ impl Explorer<'_> {
             }
             _ => unreachable!("uninitialised operands were refused"),
         };
+        let before = state.links[i.dst as usize];
         state.set(i.dst, out);
+        let by = match src {
+            Value::Scalar(s) if is64 => s.constant().map(|c| c as i64),
+            _ => None,
+        };
         if code == alu::MOV && is64 && x {
-            if state.ids[i.src as usize] == 0 {
-                self.next_id += 1;
-                state.ids[i.src as usize] = self.next_id;
-            }
-            state.ids[i.dst as usize] = state.ids[i.src as usize];
+            state.links[i.dst as usize] = self.link_of(state, i.src);
+        } else if let (alu::ADD | alu::SUB, Some(c), true) = (code, by, before.id != 0) {
+            let delta = if code == alu::ADD {
+                before.delta.wrapping_add(c)
+            } else {
+                before.delta.wrapping_sub(c)
+            };
+            state.links[i.dst as usize] = Link { delta, ..before };
         }
         Ok(())
     }
@@ -1046,12 +1193,12 @@ impl Explorer<'_> {
         reg: u8,
         off: i16,
         size: i64,
-        store: Option<Value>,
-    ) -> Result<Value, Reason> {
+        store: Option<(Value, Link)>,
+    ) -> Result<(Value, Link), Reason> {
         let base = state.regs[reg as usize];
         let (region, lo, hi) = self.bounds(base, reg, i64::from(off), Range::konst(size as u64))?;
         let exact = hi - lo == size;
-        if let Some(v) = store
+        if let Some((v, _)) = store
             && matches!(v, Value::Ptr { .. })
             && region != Region::Stack
         {
@@ -1062,21 +1209,21 @@ impl Explorer<'_> {
                 if !exact {
                     return Err(Reason::CtxField { off: lo, size });
                 }
-                self.ctx_field(lo, size, store)
+                self.ctx_field(lo, size, store.map(|(v, _)| v))
+                    .map(|v| (v, Link::NONE))
             }
             Region::Stack => {
                 self.stack_used = self.stack_used.max((STACK_SIZE as i64 - lo) as usize);
                 match store {
-                    Some(v) => {
-                        stack_store(state, lo, hi, size, exact, v)?;
-                        Ok(v)
+                    Some((v, link)) => {
+                        stack_store(state, lo, hi, size, exact, v, link)?;
+                        Ok((v, Link::NONE))
                     }
                     None => stack_load(state, lo, hi, size, exact),
                 }
             }
-            Region::Scratch => Ok(store.unwrap_or(scalar(Range::width(size as u32)))),
-            _ if store.is_some() => Err(Reason::ReadOnly { region }),
-            _ => Ok(scalar(Range::width(size as u32))),
+            _ if store.is_some() && region != Region::Scratch => Err(Reason::ReadOnly { region }),
+            _ => Ok((scalar(Range::width(size as u32)), Link::NONE)),
         }
     }
 
@@ -1151,9 +1298,11 @@ impl Explorer<'_> {
             };
             let Some((x, y)) = narrowed else { continue };
             let mut s = state.clone();
-            s.narrow(i.dst, with_range(a, x));
-            if i.op & SRC_X != 0 {
-                s.narrow(i.src, with_range(b, y));
+            if !s.narrow(i.dst, with_range(a, x)) {
+                continue;
+            }
+            if i.op & SRC_X != 0 && !s.narrow(i.src, with_range(b, y)) {
+                continue;
             }
             ways.push((s, to));
         }
@@ -1259,12 +1408,18 @@ fn stack_readable(state: &State, lo: i64, hi: i64) -> bool {
     })
 }
 
-fn stack_load(state: &State, lo: i64, hi: i64, size: i64, exact: bool) -> Result<Value, Reason> {
+fn stack_load(
+    state: &State,
+    lo: i64,
+    hi: i64,
+    size: i64,
+    exact: bool,
+) -> Result<(Value, Link), Reason> {
     let (k, b) = State::locate(lo);
     if exact && size == 8 && b == 0 {
         return match state.slot(k) {
-            Slot::Spill(v) => Ok(v),
-            Slot::Bytes(0xff) => Ok(scalar(Range::UNKNOWN)),
+            Slot::Spill(v, link) => Ok((v, link)),
+            Slot::Bytes(0xff) => Ok((scalar(Range::UNKNOWN), Link::NONE)),
             _ => Err(Reason::UninitStack {
                 off: lo - STACK_SIZE as i64,
                 size,
@@ -1274,7 +1429,7 @@ fn stack_load(state: &State, lo: i64, hi: i64, size: i64, exact: bool) -> Result
     for o in lo..hi {
         let (k, b) = State::locate(o);
         match state.slot(k) {
-            Slot::Spill(Value::Ptr { .. }) => return Err(Reason::SpilledPointer),
+            Slot::Spill(Value::Ptr { .. }, _) => return Err(Reason::SpilledPointer),
             s if !s.readable(b, 1) => {
                 return Err(Reason::UninitStack {
                     off: lo - STACK_SIZE as i64,
@@ -1284,7 +1439,7 @@ fn stack_load(state: &State, lo: i64, hi: i64, size: i64, exact: bool) -> Result
             _ => {}
         }
     }
-    Ok(scalar(Range::width(size as u32)))
+    Ok((scalar(Range::width(size as u32)), Link::NONE))
 }
 
 fn stack_store(
@@ -1294,10 +1449,11 @@ fn stack_store(
     size: i64,
     exact: bool,
     v: Value,
+    link: Link,
 ) -> Result<(), Reason> {
     let (k, b) = State::locate(lo);
     if exact && size == 8 && b == 0 {
-        state.set_slot(k, Slot::Spill(v));
+        state.set_slot(k, Slot::Spill(v, link));
         return Ok(());
     }
     if matches!(v, Value::Ptr { .. }) {
@@ -1306,8 +1462,8 @@ fn stack_store(
     for o in lo..hi {
         let (k, b) = State::locate(o);
         let s = match state.slot(k) {
-            Slot::Spill(Value::Ptr { .. }) => return Err(Reason::SpilledPointer),
-            Slot::Spill(_) => Slot::Bytes(0xff),
+            Slot::Spill(Value::Ptr { .. }, _) => return Err(Reason::SpilledPointer),
+            Slot::Spill(..) => Slot::Bytes(0xff),
             // A store at an offset not known exactly initialises nothing for certain.
             Slot::Bytes(m) if exact => Slot::Bytes(m | 1 << b),
             s => s,
@@ -1327,8 +1483,8 @@ fn helper_writes_stack(
     for o in lo..hi {
         let (k, b) = State::locate(o);
         let s = match state.slot(k) {
-            Slot::Spill(Value::Ptr { .. }) => return Err(Reason::SpilledPointer),
-            Slot::Spill(_) => Slot::Bytes(0xff),
+            Slot::Spill(Value::Ptr { .. }, _) => return Err(Reason::SpilledPointer),
+            Slot::Spill(..) => Slot::Bytes(0xff),
             Slot::Bytes(m) if definite.is_some_and(|d| o < d) => Slot::Bytes(m | 1 << b),
             s => s,
         };

@@ -88,7 +88,9 @@ impl Range {
 
     /// The low 32 bits, zero-extended: exact when every value fits.
     pub fn low32(&self) -> Range {
-        if self.umax <= u32::MAX as u64 {
+        if let Some(v) = self.constant() {
+            Range::konst(v as u32 as u64)
+        } else if self.umax <= u32::MAX as u64 {
             *self
         } else {
             Range::width(4)
@@ -288,13 +290,176 @@ impl Value {
     }
 }
 
+/// Registers and saved slots with the same nonzero `id` hold values that differ by known
+/// constants (`value = base + delta`, wrapping): copies, and copies moved by `+= k`. A
+/// comparison that narrows one of them narrows them all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Link {
+    pub id: u32,
+    pub delta: i64,
+}
+
+impl Link {
+    pub const NONE: Link = Link { id: 0, delta: 0 };
+
+    /// Whether a state relying on `self` may stand for one whose value has link `other`.
+    pub fn implied_by(&self, other: &Link) -> bool {
+        self.id == 0 || self == other
+    }
+}
+
+impl Value {
+    /// The value plus `by` (64-bit, wrapping).
+    pub fn shifted(&self, by: i64) -> Value {
+        let add = |r: &Range| {
+            alu_range(
+                class::ALU64 | alu::ADD | SRC_X,
+                *r,
+                Range::konst(by as u64),
+                0,
+            )
+        };
+        match self {
+            Value::Scalar(r) => Value::Scalar(add(r)),
+            Value::Ptr { region, off } => Value::Ptr {
+                region: *region,
+                off: add(off),
+            },
+            Value::Uninit => Value::Uninit,
+        }
+    }
+
+    /// Values in both; `None` if there are none.
+    pub fn meet(&self, other: &Value) -> Option<Value> {
+        let both = |a: &Range, b: &Range| {
+            Range {
+                umin: a.umin.max(b.umin),
+                umax: a.umax.min(b.umax),
+                smin: a.smin.max(b.smin),
+                smax: a.smax.min(b.smax),
+            }
+            .sync()
+        };
+        Some(match (self, other) {
+            (Value::Scalar(a), Value::Scalar(b)) => Value::Scalar(both(a, b)?),
+            (Value::Ptr { region, off: a }, Value::Ptr { region: q, off: b }) if region == q => {
+                Value::Ptr {
+                    region: *region,
+                    off: both(a, b)?,
+                }
+            }
+            _ => *self,
+        })
+    }
+
+    /// Whether two values differ only in ranges that are not single constants: such
+    /// states may be joined without losing what a loop counter says.
+    pub fn same_shape(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Uninit, Value::Uninit) => true,
+            (Value::Scalar(a), Value::Scalar(b)) => a.constant() == b.constant(),
+            (Value::Ptr { region: r, off: a }, Value::Ptr { region: q, off: b }) => {
+                r == q && a.constant() == b.constant()
+            }
+            _ => false,
+        }
+    }
+
+    /// A value covering both (of the same shape); with `widen`, bounds that `other`
+    /// pushes past `self` move on to the next threshold.
+    pub fn join(&self, other: &Value, widen: Option<&Thresholds>) -> Value {
+        let join = |a: &Range, b: &Range| match widen {
+            Some(t) => t.widen(a, b),
+            None => a.union(b),
+        };
+        match (*self, *other) {
+            (Value::Scalar(a), Value::Scalar(b)) => Value::Scalar(join(&a, &b)),
+            (Value::Ptr { region, off: a }, Value::Ptr { off: b, .. }) => Value::Ptr {
+                region,
+                off: join(&a, &b),
+            },
+            (v, _) => v,
+        }
+    }
+}
+
+/// Bounds that widening jumps to: the program's constants and the powers of two, so that
+/// a joined range grows in a few steps and stops at a limit the program tests.
+pub struct Thresholds {
+    unsigned: Vec<u64>,
+    signed: Vec<i64>,
+}
+
+impl Thresholds {
+    pub fn new(constants: impl IntoIterator<Item = u64>) -> Thresholds {
+        let mut unsigned: Vec<u64> = constants
+            .into_iter()
+            .flat_map(|c| [c.wrapping_sub(1), c, c.wrapping_add(1)])
+            .chain((0..64).flat_map(|k| [1u64 << k, (1u64 << k) - 1]))
+            .chain([0, u64::MAX, i64::MAX as u64, 1 << 63])
+            .collect();
+        unsigned.sort_unstable();
+        unsigned.dedup();
+        let mut signed: Vec<i64> = unsigned
+            .iter()
+            .map(|&u| u as i64)
+            .flat_map(|v| [v, v.wrapping_neg()])
+            .chain([i64::MIN, i64::MAX])
+            .collect();
+        signed.sort_unstable();
+        signed.dedup();
+        Thresholds { unsigned, signed }
+    }
+
+    /// The union of `old` and `new`, with each bound that `new` pushes out moved on to
+    /// the next threshold.
+    pub fn widen(&self, old: &Range, new: &Range) -> Range {
+        fn up<T: Ord + Copy>(ts: &[T], x: T, max: T) -> T {
+            ts.get(ts.partition_point(|&t| t < x))
+                .copied()
+                .unwrap_or(max)
+        }
+        fn down<T: Ord + Copy>(ts: &[T], x: T, min: T) -> T {
+            ts.partition_point(|&t| t <= x)
+                .checked_sub(1)
+                .map_or(min, |i| ts[i])
+        }
+        let u = &self.unsigned;
+        let s = &self.signed;
+        let r = Range {
+            umin: if new.umin < old.umin {
+                down(u, new.umin, 0)
+            } else {
+                old.umin
+            },
+            umax: if new.umax > old.umax {
+                up(u, new.umax, u64::MAX)
+            } else {
+                old.umax
+            },
+            smin: if new.smin < old.smin {
+                down(s, new.smin, i64::MIN)
+            } else {
+                old.smin
+            },
+            smax: if new.smax > old.smax {
+                up(s, new.smax, i64::MAX)
+            } else {
+                old.smax
+            },
+        };
+        r.sync().unwrap_or(Range::UNKNOWN)
+    }
+}
+
 /// One 8-byte stack slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Slot {
     /// Bit i set: byte i holds some number the program wrote.
     Bytes(u8),
-    /// A whole register stored with an 8-byte aligned store.
-    Spill(Value),
+    /// A whole register stored with an 8-byte aligned store, with the register's link, so
+    /// that narrowing the register narrows the saved copy too.
+    Spill(Value, Link),
 }
 
 impl Slot {
@@ -303,9 +468,17 @@ impl Slot {
     pub fn covers(&self, other: &Slot) -> bool {
         match (self, other) {
             (Slot::Bytes(m), Slot::Bytes(n)) => m & !n == 0,
-            (Slot::Bytes(0), Slot::Spill(v)) => !matches!(v, Value::Ptr { .. }),
-            (Slot::Bytes(_), Slot::Spill(Value::Scalar(_))) => true,
-            (Slot::Spill(a), Slot::Spill(b)) => a.covers(b),
+            (Slot::Bytes(0), Slot::Spill(v, _)) => !matches!(v, Value::Ptr { .. }),
+            (Slot::Bytes(_), Slot::Spill(Value::Scalar(_), _)) => true,
+            (Slot::Spill(a, i), Slot::Spill(b, j)) => a.covers(b) && i.implied_by(j),
+            _ => false,
+        }
+    }
+
+    pub fn same_shape(&self, other: &Slot) -> bool {
+        match (self, other) {
+            (Slot::Bytes(m), Slot::Bytes(n)) => m == n,
+            (Slot::Spill(a, i), Slot::Spill(b, j)) => i == j && a.same_shape(b),
             _ => false,
         }
     }
@@ -315,8 +488,8 @@ impl Slot {
         let want = (((1u16 << len) - 1) << lo) as u8;
         match self {
             Slot::Bytes(m) => m & want == want,
-            Slot::Spill(Value::Scalar(_)) => true,
-            Slot::Spill(_) => false,
+            Slot::Spill(Value::Scalar(_), _) => true,
+            Slot::Spill(..) => false,
         }
     }
 }
