@@ -517,3 +517,42 @@ fn a_real_block_device_works_with_o_direct() {
     assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
     assert_eq!(back.unwrap(), data);
 }
+
+#[test]
+fn prog_verify_explains_rejections_and_disasm_assembles_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = compile_bpf(&progs_dir().join("btree.c"), dir.path());
+    let out = nearfs(&["prog", "verify", good.to_str().unwrap()]);
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("btree_lookup: accepted"), "{text}");
+    assert!(text.contains("instructions per invocation"), "{text}");
+
+    let bad_src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../appcode/tests/hostile/c_off_by_one.c");
+    let bad = compile_bpf(&bad_src, dir.path());
+    let out = nearfs(&["prog", "verify", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rejected"), "{text}");
+    assert!(text.contains("data window"), "{text}");
+    assert!(
+        text.contains("c_off_by_one.c:10: sum += data[i];"),
+        "{text}"
+    );
+
+    let out = nearfs(&["prog", "disasm", good.to_str().unwrap()]);
+    assert_ok(&out);
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        listing.contains("# ") && listing.contains("btree.c:"),
+        "{listing}"
+    );
+    let insns = appcode::asm::assemble(&listing).expect("disassembly assembles");
+    let loaded = appcode::elf::load(&fs::read(&good).unwrap()).unwrap();
+    assert_eq!(insns.len(), loaded.programs[0].insns.len());
+
+    let out = nearfs(&["prog", "verify", "/nonexistent.o"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.o"));
+}

@@ -268,3 +268,24 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The repository's `bpf-progs/`.
+pub fn progs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bpf-progs")
+}
+
+/// Compiles appcode C into `dir` with `clang -O2 -g -target bpf -mcpu=v3`; returns the
+/// object's path.
+pub fn compile_bpf(source: &Path, dir: &Path) -> PathBuf {
+    let object = dir.join(source.file_stem().unwrap()).with_extension("o");
+    let out = std::process::Command::new("clang")
+        .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-c", "-I"])
+        .arg(progs_dir().join("include"))
+        .arg(source)
+        .arg("-o")
+        .arg(&object)
+        .output()
+        .expect("clang is needed (scripts/setup.sh installs it)");
+    assert_ok(&out);
+    object
+}

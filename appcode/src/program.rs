@@ -194,6 +194,8 @@ fn pick<'l>(loaded: &'l Loaded, name: Option<&str>) -> Result<&'l Linked, Progra
 pub struct Prepared {
     pub insns: Vec<Insn>,
     pub data_refs: Vec<elf::DataRef>,
+    /// For each slot, the slot of the linked program it came from.
+    pub origin: Vec<usize>,
     pub verified: Verified,
 }
 
@@ -228,6 +230,7 @@ pub fn prepare(linked: &Linked, loaded: &Loaded) -> Result<Prepared, ProgramErro
     Ok(Prepared {
         insns: inlined.insns,
         data_refs: inlined.data_refs,
+        origin: inlined.origin,
         verified,
     })
 }

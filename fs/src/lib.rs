@@ -6,3 +6,4 @@ pub mod daemon;
 pub mod errno;
 pub mod inspect;
 pub mod mount;
+pub mod prog;

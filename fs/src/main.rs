@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nearfs::commands;
 use nearfs::mount::{MountConfig, mount};
+use nearfs::{commands, prog};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,29 @@ enum Command {
     },
     /// Show format version, sizes, free space and fragmentation.
     Info { image: PathBuf },
+    /// Work with appcode objects (clang -O2 -g -target bpf).
+    Prog {
+        #[command(subcommand)]
+        command: ProgCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProgCommand {
+    /// Verify the programs of an object: exit 0 if all are accepted, 1 if not, with the
+    /// verifier's reasons and each program's statistics.
+    Verify {
+        object: PathBuf,
+        /// Only the program in section nearfs/NAME.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print the instruction stream that is verified and run, with source lines.
+    Disasm {
+        object: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 fn init_logging(verbose: u8) {
@@ -119,6 +142,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(commands::fsck(&image, repair) as u8));
         }
         Command::Info { image } => commands::info(&image)?,
+        Command::Prog { command } => match command {
+            ProgCommand::Verify { object, name } => {
+                if !prog::verify(&object, name.as_deref())? {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            ProgCommand::Disasm { object, name } => prog::disasm(&object, name.as_deref())?,
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -143,6 +174,13 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => code,
+        // `nearfs prog disasm | head` is not a failure.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("nearfs: {e:#}");
             ExitCode::FAILURE
