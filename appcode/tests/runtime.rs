@@ -270,3 +270,39 @@ fn substr_emits_every_match_once_across_windows() {
         assert_eq!(aab.result as usize, count);
     }
 }
+
+#[test]
+fn one_program_runs_concurrently_on_many_threads() {
+    let mut rng = Rng(13);
+    let mut pairs: Vec<(u64, u64)> = (0..50_000)
+        .map(|_| (rng.below(1 << 40), rng.next() >> 1))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup_by_key(|p| p.0);
+    let (bytes, _) = build_btree(&pairs);
+    let file = TestFile::new(&bytes);
+    for mode in MODES {
+        let p = load("btree.c", "btree_lookup", mode);
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (p, file, pairs) = (&p, &file, &pairs);
+                s.spawn(move || {
+                    let mut rng = Rng(100 + t);
+                    for _ in 0..200 {
+                        let (k, v) = pairs[rng.below(pairs.len() as u64) as usize];
+                        let out = p
+                            .run(
+                                file.world(false),
+                                &Request {
+                                    arg: &k.to_le_bytes(),
+                                    ..Default::default()
+                                },
+                            )
+                            .unwrap();
+                        assert_eq!(out.result, v);
+                    }
+                });
+            }
+        });
+    }
+}
