@@ -1492,3 +1492,143 @@ fn helper_writes_stack(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::asm::assemble;
+
+    fn check(text: &str) -> Result<Verified, Rejection> {
+        let insns = assemble(text).unwrap();
+        verify(&insns, &[], &Globals { sizes: &[] }, Budget::default())
+    }
+
+    fn accepts(text: &str) -> Verified {
+        check(text).unwrap_or_else(|r| panic!("rejected: {r}\n{text}"))
+    }
+
+    #[test]
+    fn a_data_end_check_on_a_moved_copy_bounds_the_original() {
+        accepts(
+            "ldxdw %r2, [%r1]
+             ldxdw %r3, [%r1+8]
+             ldxh %r4, [%r2]
+             add %r2, %r4
+             mov %r5, %r2
+             add %r5, 8
+             jgt %r5, %r3, out
+             ldxdw %r0, [%r2]
+             exit
+             out:
+             mov %r0, 0
+             exit",
+        );
+    }
+
+    #[test]
+    fn a_test_on_a_register_narrows_its_spilled_copy() {
+        accepts(
+            "ldxdw %r2, [%r1]
+             ldxdw %r4, [%r1+32]
+             stxdw [%r10-8], %r4
+             jgt %r4, 4095, out
+             ldxdw %r5, [%r10-8]
+             add %r2, %r5
+             ldxb %r0, [%r2]
+             exit
+             out:
+             mov %r0, 0
+             exit",
+        );
+    }
+
+    #[test]
+    fn spilled_pointers_keep_their_type() {
+        accepts("stxdw [%r10-8], %r1\nldxdw %r2, [%r10-8]\nldxdw %r0, [%r2+40]\nexit");
+    }
+
+    #[test]
+    fn helpers_initialise_what_they_write_and_take_bounded_lengths() {
+        accepts(
+            "ldxdw %r3, [%r1+32]
+             jgt %r3, 16, out
+             jlt %r3, 8, out
+             mov %r1, 0
+             mov %r2, %r10
+             add %r2, -16
+             call 1
+             ldxdw %r0, [%r10-16]
+             exit
+             out:
+             mov %r0, 0
+             exit",
+        )
+        ;
+        // A length that may be 0 initialises nothing for certain.
+        let r = check(
+            "ldxdw %r3, [%r1+32]\njgt %r3, 16, +7\nmov %r1, 0\nmov %r2, %r10\nadd %r2, -16\ncall 1\nldxdw %r0, [%r10-16]\nexit\nmov %r0, 0\nexit",
+        )
+        .unwrap_err();
+        assert!(matches!(r.reason, Reason::UninitStack { .. }), "{r}");
+        // Without the bound the length may reach 1024.
+        let r = check(
+            "ldxdw %r3, [%r1+32]\nmov %r1, 0\nmov %r2, %r10\nadd %r2, -16\ncall 1\nmov %r0, 0\nexit",
+        )
+        .unwrap_err();
+        assert!(matches!(r.reason, Reason::HelperArg { arg: 2, .. }), "{r}");
+    }
+
+    #[test]
+    fn impossible_branches_are_not_explored() {
+        accepts("mov %r1, 5\nmov %r0, 0\njgt %r1, 10, bad\nexit\nbad:\nldxdw %r0, [%r10-8]\nexit");
+    }
+
+    #[test]
+    fn worst_case_counts_the_longest_path() {
+        // 2 before the loop, 3 per iteration for 10 iterations, then exit.
+        let v = accepts(
+            "mov %r0, 0
+             mov %r1, 0
+             l:
+             add %r0, %r1
+             add %r1, 1
+             jlt %r1, 10, l
+             exit",
+        );
+        assert_eq!(v.max_insns, 2 + 3 * 10 + 1);
+        // The longer arm of a branch counts.
+        let v = accepts(
+            "ldxdw %r2, [%r1+32]\nmov %r0, 0\njeq %r2, 0, +3\nadd %r0, 1\nadd %r0, 1\nadd %r0, 1\nexit",
+        );
+        assert_eq!(v.max_insns, 7);
+    }
+
+    #[test]
+    fn rejections_name_the_instruction() {
+        let r = check("mov %r0, 0\nmov %r0, 1\nldxdw %r0, [%r10-8]\nexit").unwrap_err();
+        assert_eq!(r.insn, 2);
+        assert!(matches!(r.reason, Reason::UninitStack { off: -8, size: 8 }));
+        let r = check("mov %r0, 0\nl:\nja l").unwrap_err();
+        assert_eq!((r.insn, r.reason), (1, Reason::Loop));
+    }
+
+    #[test]
+    fn the_verifier_stops_within_its_budget() {
+        let insns = assemble("mov %r0, 0\nl:\nadd %r0, 1\njne %r0, 0, l\nexit").unwrap();
+        let small = Budget {
+            insns: 10_000,
+            ..Budget::default()
+        };
+        let r = verify(&insns, &[], &Globals { sizes: &[] }, small).unwrap_err();
+        assert!(matches!(r.reason, Reason::TooComplex { .. }), "{r}");
+        let instant = Budget {
+            time: Duration::ZERO,
+            ..Budget::default()
+        };
+        let r = verify(&insns, &[], &Globals { sizes: &[] }, instant).unwrap_err();
+        assert!(
+            matches!(r.reason, Reason::Timeout | Reason::TooComplex { .. }),
+            "{r}"
+        );
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the appcode fuzz targets (appcode/fuzz) for SECONDS each (default 60):
+#   load          any bytes as an ELF object
+#   verify        any bytes as an instruction stream
+#   differential  generated programs that verify, JIT against interpreter
+# Seeds come from the bpf-progs examples and the hostile corpus. Needs cargo-fuzz
+# (cargo install cargo-fuzz); on a stable toolchain RUSTC_BOOTSTRAP lets it pass its
+# nightly flags, and sanitizers stay off (-s none).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+export RUSTC_BOOTSTRAP=1
+corpus=appcode/fuzz/corpus
+mkdir -p "$corpus/load" "$corpus/verify" "$corpus/differential"
+for c in bpf-progs/*.c appcode/tests/hostile/*.c; do
+    name=$(basename "$c" .c)
+    clang -O2 -g -target bpf -mcpu=v3 -I bpf-progs/include -c "$c" -o "$corpus/load/$name.o"
+    # The program section's bytes seed the verifier.
+    llvm-objcopy -O binary --only-section="nearfs/*" "$corpus/load/$name.o" "$corpus/verify/$name.bin" 2>/dev/null || true
+done
+cd appcode/fuzz
+cargo fuzz build -s none
+for target in load verify differential; do
+    echo "== $target: ${seconds}s"
+    cargo fuzz run -s none "$target" "corpus/$target" -- \
+        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 2>&1 |
+        grep -E "^(stat::|#[0-9]+ *DONE|==|SUMMARY|Done)" || true
+done
