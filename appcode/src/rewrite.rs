@@ -1,6 +1,6 @@
 //! Rewrites a program into an equivalent one that rbpf 0.4.1 executes exactly.
 //!
-//! - rbpf's x86-64 JIT leaves the upper 32 bits of the destination after `mov32` and treats
+//! - rbpf's x86-64 JIT leaves the upper 32 bits of the destination after `mov32 reg` and treats
 //!   `le16`/`le32` as no-ops; eBPF zero-extends (RFC 9669 §4.1, §4.2).
 //! - rbpf's interpreter compares a 64-bit register with an immediate zero-extended, for
 //!   `jeq jne jgt jge jlt jle`; eBPF sign-extends it. A negative immediate C lies in the top
@@ -85,7 +85,9 @@ fn expand(i: &Insn) -> Vec<Out> {
         }]
     };
     match i.class() {
-        class::ALU if code == alu::MOV => [plain(*i)]
+        // `mov32 reg, imm` is a 32-bit mov on x86, which zero-extends; only the register
+        // form is emitted as a 64-bit mov.
+        class::ALU if code == alu::MOV && i.op & SRC_X != 0 => [plain(*i)]
             .into_iter()
             .chain(zero_extend_32(d).map(plain))
             .collect(),
@@ -184,10 +186,13 @@ mod tests {
 
     #[test]
     fn mov32_and_le_are_expanded_and_jumps_reaimed() {
-        let prog = assemble("jeq %r1, 0, +2\nmov32 %r0, -1\nle16 %r0\nle64 %r0\nexit").unwrap();
+        let prog =
+            assemble("jeq %r1, 0, +3\nmov32 %r0, %r2\nmov32 %r3, -1\nle16 %r0\nle64 %r0\nexit")
+                .unwrap();
         let out = for_rbpf(&prog).unwrap();
+        // mov32 of an immediate is exact on both engines and stays as it is.
         let text = assemble(
-            "jeq %r1, 0, +4\nmov32 %r0, -1\nlsh %r0, 32\nrsh %r0, 32\nand %r0, 0xffff\nexit",
+            "jeq %r1, 0, +5\nmov32 %r0, %r2\nlsh %r0, 32\nrsh %r0, 32\nmov32 %r3, -1\nand %r0, 0xffff\nexit",
         )
         .unwrap();
         assert_eq!(out, text);
@@ -195,9 +200,9 @@ mod tests {
 
     #[test]
     fn backward_jumps_lddw_and_local_calls_keep_their_targets() {
-        let src = "f:\nmov32 %r0, 1\nlddw %r2, 0x100000000\njne %r0, 1, f\ncall local g\nexit\ng:\nle32 %r0\nexit";
+        let src = "f:\nmov32 %r0, %r1\nlddw %r2, 0x100000000\njne %r0, 1, f\ncall local g\nexit\ng:\nle32 %r0\nexit";
         let out = for_rbpf(&assemble(src).unwrap()).unwrap();
-        let want = "f:\nmov32 %r0, 1\nlsh %r0, 32\nrsh %r0, 32\nlddw %r2, 0x100000000\njne %r0, 1, f\n\
+        let want = "f:\nmov32 %r0, %r1\nlsh %r0, 32\nrsh %r0, 32\nlddw %r2, 0x100000000\njne %r0, 1, f\n\
                     call local g\nexit\ng:\nlsh %r0, 32\nrsh %r0, 32\nexit";
         assert_eq!(out, assemble(want).unwrap());
     }

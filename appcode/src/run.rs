@@ -181,10 +181,11 @@ impl<'a> Run<'a> {
 
     /// File bytes at `off` into `buf`, through the extents; zeros where there is no data.
     fn fetch(&mut self, off: u64, buf: &mut [u8]) -> Result<(), RunError> {
-        buf.fill(0);
         let end = (off + buf.len() as u64).min(self.world.file_size);
         let extents = self.world.extents;
         let first = extents.partition_point(|e| e.file_off + e.len <= off);
+        // Bytes of `buf` before `done` are filled; gaps between extents become zeros.
+        let mut done = 0usize;
         for e in &extents[first..] {
             if e.file_off >= end {
                 break;
@@ -201,13 +202,16 @@ impl<'a> Run<'a> {
                     limit: self.limits.device_bytes,
                 });
             }
+            let (from, to) = ((lo - off) as usize, (hi - off) as usize);
+            buf[done..from].fill(0);
             let dev = e.dev_off + (lo - e.file_off);
-            let dst = &mut buf[(lo - off) as usize..(hi - off) as usize];
             self.world
                 .device
-                .read_at(dst, dev)
+                .read_at(&mut buf[from..to], dev)
                 .map_err(|e| RunError::Io(e.to_string()))?;
+            done = to;
         }
+        buf[done..].fill(0);
         // This run's own writes are visible to it.
         for (w, bytes) in &self.writes {
             let lo = (*w).max(off);

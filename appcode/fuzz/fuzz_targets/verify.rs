@@ -1,15 +1,26 @@
 //! Any instruction stream: inlining and verifying must return within the verifier's
-//! budget, and whatever is accepted must also compile.
+//! budget. Whatever is accepted is then run on both engines over a small file: it must
+//! end (libFuzzer's timeout catches a hang), touch nothing outside its memory (a crash),
+//! and compute the same on the JIT as on the interpreter.
 #![no_main]
 
-use appcode::{Mode, Program, insn};
+use appcode::{Extent, Mode, Program, Request, World, insn};
+use blockdev::{BlockDevice, MemDevice};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some(insns) = insn::decode(&data[..data.len() / 8 * 8]) else {
         return;
     };
-    // Accepted programs are compiled for the interpreter only: this target checks the
-    // verifier, `differential` checks execution.
-    let _ = Program::from_insns("fuzz", &insns, Mode::Interpreter);
+    let Ok(interp) = Program::from_insns("fuzz", &insns, Mode::Interpreter) else {
+        return;
+    };
+    let jit = Program::from_insns("fuzz", &insns, Mode::Jit).expect("same verdict");
+    let device = MemDevice::new(1 << 16);
+    device.write_at(&[0x5a; 8192], 4096).unwrap();
+    let extents = [Extent { file_off: 0, dev_off: 4096, len: 8192, unwritten: false }];
+    let world = || World { device: &device, extents: &extents, file_size: 8192, range: 0..8192, writable: true };
+    let a = interp.run(world(), &Request::default());
+    let b = jit.run(world(), &Request::default());
+    assert_eq!(a, b);
 });

@@ -15,12 +15,13 @@
 //! returns the most instructions one invocation can execute (`Verified::max_insns`); the
 //! runtime charges that bound against the run's instruction budget.
 
+mod dataflow;
 pub mod value;
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::abi::{self, Arg, STACK_SIZE, ctx};
@@ -234,6 +235,48 @@ pub struct Globals<'a> {
 }
 
 const SLOTS: usize = STACK_SIZE / 8;
+
+/// The multiply-rotate hash of rustc's FxHasher: states are hashed constantly and never
+/// by an adversary who could choose collisions to any effect but slowness, so SipHash's
+/// protection buys nothing here.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 const FP: usize = 10;
 
 /// The abstract machine state on one path.
@@ -303,6 +346,22 @@ impl State {
         true
     }
 
+    /// As `same_shape`, but constants may differ.
+    fn same_kinds(&self, other: &State) -> bool {
+        self.links == other.links
+            && self.stack.len() == other.stack.len()
+            && self
+                .regs
+                .iter()
+                .zip(&other.regs)
+                .all(|(a, b)| a.same_kind(b))
+            && self
+                .stack
+                .iter()
+                .zip(&other.stack)
+                .all(|(a, b)| a.same_kind(b))
+    }
+
     fn same_shape(&self, other: &State) -> bool {
         self.links == other.links
             && self.stack.len() == other.stack.len()
@@ -320,7 +379,7 @@ impl State {
 
     /// A hash equal for states of the same shape (`same_shape`).
     fn shape_hash(&self) -> u64 {
-        let mut h = DefaultHasher::new();
+        let mut h = FastHasher::default();
         self.links.hash(&mut h);
         let shape = |v: &Value| match v {
             Value::Uninit => (0u8, None),
@@ -363,10 +422,17 @@ impl State {
                 .all(|k| self.slot(k).covers(&other.slot(k)))
     }
 
-    fn canonical(&mut self, live: u16) {
+    /// Forgets what cannot matter from here on: registers that are not live become
+    /// uninitialised, and numbers that will never reach an address, a length, a divisor
+    /// or a branch become any number. Both only widen the state, so this is sound, and
+    /// states that differed only there now prune each other.
+    fn canonical(&mut self, live: u16, demanded: u16) {
         for r in 0..FP {
             if live & 1 << r == 0 {
                 self.regs[r] = Value::Uninit;
+                self.links[r] = Link::NONE;
+            } else if demanded & 1 << r == 0 && matches!(self.regs[r], Value::Scalar(_)) {
+                self.regs[r] = Value::Scalar(Range::UNKNOWN);
                 self.links[r] = Link::NONE;
             }
         }
@@ -408,7 +474,7 @@ impl State {
     }
 
     fn hash64(&self) -> u64 {
-        let mut h = DefaultHasher::new();
+        let mut h = FastHasher::default();
         self.hash(&mut h);
         h.finish()
     }
@@ -422,10 +488,16 @@ enum Flow {
     Exit,
 }
 
+/// A state at a jump target and the paths that reach it. Nodes form a DAG: a node
+/// reached by several paths (merged, or pruned into before it finished) has several
+/// parents.
 struct Node {
-    parent: Option<u32>,
-    /// Instructions from the parent's start to this node.
-    len: u64,
+    /// (parent, instructions from the parent's start to this node).
+    parents: Vec<(u32, u64)>,
+    pc: usize,
+    /// Back-edges taken on the way here: a loop iteration count.
+    iter: u32,
+    /// Children and prunes into unfinished nodes this node waits for.
     pending: u32,
     walked: bool,
     done: bool,
@@ -442,25 +514,27 @@ pub fn verify(
 ) -> Result<Verified, Rejection> {
     let reject = |insn: usize, reason: Reason| Rejection { insn, reason };
     let prune = check_structure(insns, refs).map_err(|(i, r)| reject(i, r))?;
-    let live = liveness(insns);
+    let flow = dataflow::Flow::new(insns);
     let mut x = Explorer {
         insns,
         refs,
         globals,
-        live,
+        live: flow.live(),
+        demanded: flow.demanded(),
+        merge: flow.merges(),
         prune,
         nodes: Vec::new(),
         states: Vec::new(),
-        seen: HashMap::new(),
+        seen: FastMap::default(),
         recent: vec![Vec::new(); insns.len()],
         visits: vec![0; insns.len()],
-        work: Vec::new(),
+        work: BinaryHeap::new(),
         processed: 0,
         budget,
         start: Instant::now(),
         stack_used: 0,
         next_id: 0,
-        joins: HashMap::new(),
+        joins: FastMap::default(),
         thresholds: Thresholds::new(
             insns
                 .iter()
@@ -481,25 +555,55 @@ pub fn verify(
     regs[1] = ptr(Region::Ctx, 0);
     regs[FP] = ptr(Region::Stack, STACK_SIZE as i64);
     x.nodes.push(Node {
-        parent: None,
-        len: 0,
+        parents: Vec::new(),
+        pc: 0,
+        iter: 0,
         pending: 0,
         walked: false,
         done: false,
         cost: 0,
     });
-    x.states.push(None);
-    x.work.push((
-        0,
-        State {
-            regs,
-            links: [Link::NONE; 11],
-            stack: Vec::new(),
-        },
-        0,
-    ));
-    while let Some((n, state, pc)) = x.work.pop() {
-        x.walk(n, state, pc)?;
+    x.states.push(Some(State {
+        regs,
+        links: [Link::NONE; 11],
+        stack: Vec::new(),
+    }));
+    x.work.push(Reverse((0, 0, 0)));
+    while let Some(Reverse((_, _, n))) = x.work.pop() {
+        x.walk(n)?;
+    }
+    if !x.nodes[0].done {
+        // Some node waits for itself: a cycle the loop check should have caught. Refuse
+        // rather than trust a bound that was never established.
+        let head = (0..x.visits.len())
+            .max_by_key(|&i| x.visits[i])
+            .unwrap_or(0);
+        return Err(reject(head, Reason::Loop));
+    }
+    if !x.nodes[0].done {
+        // Some node waits for itself: a cycle the loop check should have caught. Refuse
+        // rather than trust a bound that was never established.
+        let head = (0..x.visits.len())
+            .max_by_key(|&i| x.visits[i])
+            .unwrap_or(0);
+        return Err(reject(head, Reason::Loop));
+    }
+    if std::env::var_os("NEARFS_VERIFY_DEBUG").is_some() {
+        let mut v: Vec<(u32, usize)> = x.visits.iter().copied().zip(0..).collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        eprintln!("visits: {:?}", &v[..v.len().min(12)]);
+        let hot = v[0].1;
+        for (k, node) in x
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.pc == hot)
+            .take(40)
+        {
+            if let Some(st) = &x.states[k] {
+                eprintln!("iter {} regs {:?} links {:?}", node.iter, st.regs, st.links);
+            }
+        }
     }
     Ok(Verified {
         max_insns: x.nodes[0].cost,
@@ -581,79 +685,6 @@ fn check_structure(insns: &[Insn], refs: &[DataRef]) -> Result<Vec<bool>, (usize
         Some(i) if i.op == class::JMP | jmp::EXIT || i.op == class::JMP | jmp::JA => Ok(prune),
         _ => Err((n.saturating_sub(1), Reason::FallsOffEnd)),
     }
-}
-
-/// Registers read before written from each slot on (bit r), by backward dataflow.
-fn liveness(insns: &[Insn]) -> Vec<u16> {
-    let n = insns.len();
-    let bit = |r: u8| 1u16 << r;
-    let mut uses = vec![0u16; n];
-    let mut defs = vec![0u16; n];
-    let mut succ: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut pc = 0;
-    while pc < n {
-        let i = &insns[pc];
-        let x = i.op & SRC_X != 0;
-        let mut next = vec![pc + 1];
-        match i.class() {
-            class::ALU | class::ALU64 => {
-                let code = i.op & 0xf0;
-                if code != alu::MOV {
-                    uses[pc] |= bit(i.dst);
-                }
-                if x && !matches!(code, alu::NEG | alu::END) {
-                    uses[pc] |= bit(i.src);
-                }
-                defs[pc] |= bit(i.dst);
-            }
-            class::LDX => {
-                uses[pc] |= bit(i.src);
-                defs[pc] |= bit(i.dst);
-            }
-            class::ST => uses[pc] |= bit(i.dst),
-            class::STX => uses[pc] |= bit(i.dst) | bit(i.src),
-            class::LD => {
-                defs[pc] |= bit(i.dst);
-                next = vec![pc + 2];
-            }
-            _ => match i.op & 0xf0 {
-                jmp::CALL => {
-                    let args = abi::prototype(i.imm).map_or(5, |p| p.args.len());
-                    uses[pc] |= (1..=args as u8).fold(0, |m, r| m | bit(r));
-                    defs[pc] |= 0b11_1111;
-                }
-                jmp::EXIT => {
-                    uses[pc] |= 1;
-                    next.clear();
-                }
-                code => {
-                    let t = (pc as i64 + 1 + i64::from(i.off)) as usize;
-                    if code == jmp::JA {
-                        next = vec![t];
-                    } else {
-                        uses[pc] |= bit(i.dst) | if x { bit(i.src) } else { 0 };
-                        next.push(t);
-                    }
-                }
-            },
-        }
-        succ[pc] = next.into_iter().filter(|&s| s < n).collect();
-        pc += if i.is_lddw() { 2 } else { 1 };
-    }
-    let mut live = vec![0u16; n];
-    let mut changed = true;
-    while changed {
-        changed = false;
-        for pc in (0..n).rev() {
-            let out = succ[pc].iter().fold(0, |m, &s| m | live[s]);
-            let inn = uses[pc] | (out & !defs[pc]);
-            if inn != live[pc] {
-                live[pc] = inn;
-                changed = true;
-            }
-        }
-    }
-    live
 }
 
 /// Conditions of conditional jumps, on the operands' values.
@@ -836,16 +867,23 @@ struct Explorer<'p> {
     refs: &'p [DataRef],
     globals: &'p Globals<'p>,
     live: Vec<u16>,
+    demanded: Vec<u16>,
+    /// Whether two or more edges enter a slot: only there can paths meet, so only there
+    /// are states kept and compared (every loop passes through one).
+    merge: Vec<bool>,
     prune: Vec<bool>,
     nodes: Vec<Node>,
     /// The state each node started in, kept for pruning.
     states: Vec<Option<State>>,
     /// Nodes by (slot, hash of state), for exact matches.
-    seen: HashMap<(usize, u64), Vec<u32>>,
+    seen: FastMap<(usize, u64), Vec<u32>>,
     /// The latest nodes at each slot, for coverage by a wider state.
     recent: Vec<Vec<u32>>,
     visits: Vec<u32>,
-    work: Vec<(u32, State, usize)>,
+    /// Nodes to walk, fewest loop iterations first, then in instruction order: paths of
+    /// one iteration meet at their merge points before either goes on, so they are
+    /// joined once instead of each exploring the rest of the loop.
+    work: BinaryHeap<Reverse<(u32, usize, u32)>>,
     processed: u64,
     budget: Budget,
     start: Instant,
@@ -853,25 +891,37 @@ struct Explorer<'p> {
     next_id: u32,
     thresholds: Thresholds,
     /// Joins so far by point and state shape (see `State::shape_hash`).
-    joins: HashMap<(usize, u64), u32>,
+    joins: FastMap<(usize, u64), u32>,
 }
 
 const RECENT: usize = 16;
+/// Pending states of one iteration at one point before their constants are joined.
+const CROWD: usize = 4;
 /// Joins at one point before ranges are widened.
 const WIDEN_AFTER: u32 = 8;
 
 impl Explorer<'_> {
     /// Runs node `n`'s path from `pc` to its next jump target, branch or exit.
-    fn walk(&mut self, n: u32, mut state: State, mut pc: usize) -> Result<(), Rejection> {
+    fn walk(&mut self, n: u32) -> Result<(), Rejection> {
+        let (mut pc, iter) = (self.nodes[n as usize].pc, self.nodes[n as usize].iter);
+        // Only merge points keep their state, for pruning.
+        let mut state = if self.merge[pc] {
+            self.states[n as usize].clone()
+        } else {
+            self.states[n as usize].take()
+        }
+        .expect("a node to walk has its state");
+        // Walked from now on: a path that comes back here meets a walked node.
+        self.nodes[n as usize].walked = true;
         let mut len = 0u64;
         loop {
             if len > 0 && self.prune[pc] {
-                self.arrive(n, len, state, pc)?;
+                self.arrive(n, len, state, pc, iter)?;
                 break;
             }
             self.processed += 1;
             len += 1;
-            if self.processed > self.budget.insns || self.states.len() > self.budget.states {
+            if self.processed > self.budget.insns || self.nodes.len() > self.budget.states {
                 let head = (0..self.visits.len())
                     .max_by_key(|&i| self.visits[i])
                     .unwrap_or(pc);
@@ -891,9 +941,14 @@ impl Explorer<'_> {
             let flow = self
                 .step(&mut state, pc)
                 .map_err(|reason| Rejection { insn: pc, reason })?;
+            // A jump to an earlier (or the same) instruction starts another iteration.
+            let next_iter = |t: usize| iter + u32::from(t <= pc);
             match flow {
                 Flow::Next(k) => pc += k,
-                Flow::Jump(t) => pc = t,
+                Flow::Jump(t) => {
+                    self.arrive(n, len, state, t, next_iter(t))?;
+                    break;
+                }
                 Flow::Exit => {
                     let node = &mut self.nodes[n as usize];
                     node.cost = node.cost.max(len);
@@ -901,52 +956,106 @@ impl Explorer<'_> {
                 }
                 Flow::Branch(ways) => {
                     for (s, t) in ways {
-                        self.arrive(n, len, s, t)?;
+                        self.arrive(n, len, s, t, next_iter(t))?;
                     }
                     break;
                 }
             }
         }
-        self.nodes[n as usize].walked = true;
         self.finish(n);
         Ok(())
     }
 
-    /// Node `n`'s path reached jump target `pc` after `len` instructions.
-    fn arrive(&mut self, n: u32, len: u64, mut state: State, pc: usize) -> Result<(), Rejection> {
-        state.canonical(self.live[pc] | 1 << FP);
+    /// Whether `m` lies on a path from the start to `n`. Iteration counts only grow
+    /// along paths, so the search stays among nodes no earlier than `m`'s iteration.
+    fn is_ancestor(&self, m: u32, n: u32) -> bool {
+        let floor = self.nodes[m as usize].iter;
+        let mut stack = vec![n];
+        let mut seen = std::collections::HashSet::<u32, BuildHasherDefault<FastHasher>>::default();
+        while let Some(k) = stack.pop() {
+            if k == m {
+                return true;
+            }
+            for &(p, _) in &self.nodes[k as usize].parents {
+                if self.nodes[p as usize].iter >= floor && seen.insert(p) {
+                    stack.push(p);
+                }
+            }
+        }
+        false
+    }
+
+    /// Node `n`'s path reached jump target `pc` after `len` instructions and `iter`
+    /// back-edges.
+    fn arrive(
+        &mut self,
+        n: u32,
+        len: u64,
+        mut state: State,
+        pc: usize,
+        iter: u32,
+    ) -> Result<(), Rejection> {
+        state.canonical(self.live[pc] | 1 << FP, self.demanded[pc]);
         self.visits[pc] += 1;
+        if !self.merge[pc] {
+            self.child(n, len, state, pc, iter, None);
+            return Ok(());
+        }
         let hash = state.hash64();
         let exact = self.seen.get(&(pc, hash)).into_iter().flatten();
         let wider = self.recent[pc].iter();
         let cover = exact.chain(wider).copied().find(|&m| {
-            self.nodes[m as usize].walked
-                && self.states[m as usize]
-                    .as_ref()
-                    .is_some_and(|s| s.covers(&state))
+            self.states[m as usize]
+                .as_ref()
+                .is_some_and(|s| s.covers(&state))
         });
         if let Some(m) = cover {
             let node = &self.nodes[m as usize];
-            if !node.done {
+            if node.done {
+                let cost = len.saturating_add(node.cost);
+                let parent = &mut self.nodes[n as usize];
+                parent.cost = parent.cost.max(cost);
+                return Ok(());
+            }
+            // Coming back to a state this very path was in: nothing bounds the loop.
+            // (An ancestor at the same point is at least one back-edge earlier.)
+            if node.walked && node.iter < iter && self.is_ancestor(m, n) {
                 return Err(Rejection {
                     insn: pc,
                     reason: Reason::Loop,
                 });
             }
-            let cost = len.saturating_add(node.cost);
-            let parent = &mut self.nodes[n as usize];
-            parent.cost = parent.cost.max(cost);
+            self.attach(n, len, m);
             return Ok(());
         }
-        // A finished state of the same shape here: explore the join of the two instead, so
-        // that paths that differ only in ranges (not in constants such as a loop counter)
-        // stop multiplying.
-        let similar = self.recent[pc].iter().rev().copied().find(|&m| {
-            self.nodes[m as usize].done
+        // A state of the same shape here (same constants, such as a loop counter) that is
+        // not walked yet absorbs this one; a finished one is joined with it into a new
+        // node. Either way, paths that differ only in ranges stop multiplying.
+        let pending_here = |x: &Self, m: u32| {
+            let node = &x.nodes[m as usize];
+            !node.walked && node.iter == iter
+        };
+        let mut similar = self.recent[pc].iter().rev().copied().find(|&m| {
+            (self.nodes[m as usize].done || pending_here(self, m))
                 && self.states[m as usize]
                     .as_ref()
                     .is_some_and(|s| s.same_shape(&state))
         });
+        // Many paths of one iteration waiting at one point, differing in constants (a
+        // search narrowing its bounds): they share every per-iteration counter, so their
+        // other constants may be joined into ranges without losing the loop's bound.
+        let crowd: Vec<u32> = self.recent[pc]
+            .iter()
+            .copied()
+            .filter(|&m| pending_here(self, m))
+            .collect();
+        if similar.is_none() && crowd.len() >= CROWD {
+            similar = crowd.into_iter().rev().find(|&m| {
+                self.states[m as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.same_kinds(&state))
+            });
+        }
         if let Some(m) = similar {
             // Unions first, which keep every bound a test established; only a point joined
             // again and again is widened, so that ranges stop growing.
@@ -954,44 +1063,71 @@ impl Explorer<'_> {
             *joins += 1;
             let widen = (*joins > WIDEN_AFTER).then_some(&self.thresholds);
             let old = self.states[m as usize].as_ref().unwrap();
-            state = old.join(&state, widen);
+            let joined = old.join(&state, widen);
+            if !self.nodes[m as usize].walked {
+                let hash = joined.hash64();
+                self.seen.entry((pc, hash)).or_default().push(m);
+                self.states[m as usize] = Some(joined);
+                self.attach(n, len, m);
+                return Ok(());
+            }
+            state = joined;
         }
         let hash = state.hash64();
+        self.child(n, len, state, pc, iter, Some(hash));
+        Ok(())
+    }
+
+    /// Makes `m` a child of `n`: `n` finishes after `m` and counts its cost.
+    fn attach(&mut self, n: u32, len: u64, m: u32) {
+        self.nodes[m as usize].parents.push((n, len));
+        self.nodes[n as usize].pending += 1;
+    }
+
+    /// A new node for `n`'s path at `pc`, kept for pruning if `hash` is given.
+    fn child(&mut self, n: u32, len: u64, state: State, pc: usize, iter: u32, hash: Option<u64>) {
         let m = self.nodes.len() as u32;
         self.nodes.push(Node {
-            parent: Some(n),
-            len,
+            parents: Vec::new(),
+            pc,
+            iter,
             pending: 0,
             walked: false,
             done: false,
             cost: 0,
         });
-        self.nodes[n as usize].pending += 1;
-        self.seen.entry((pc, hash)).or_default().push(m);
-        let recent = &mut self.recent[pc];
-        if recent.len() == RECENT {
-            recent.remove(0);
+        self.attach(n, len, m);
+        if let Some(hash) = hash {
+            self.seen.entry((pc, hash)).or_default().push(m);
+            let recent = &mut self.recent[pc];
+            if recent.len() == RECENT {
+                recent.remove(0);
+            }
+            recent.push(m);
         }
-        recent.push(m);
-        self.states.push(Some(state.clone()));
-        self.work.push((m, state, pc));
-        Ok(())
+        self.states.push(Some(state));
+        self.work.push(Reverse((iter, pc, m)));
     }
 
-    /// Marks `n` done if its path and all its children are, and passes its cost up.
-    fn finish(&mut self, mut n: u32) {
-        loop {
+    /// Marks `n` done if its path and everything it waits for are, and passes its cost to
+    /// the nodes waiting for it.
+    fn finish(&mut self, n: u32) {
+        let mut ready = vec![n];
+        while let Some(n) = ready.pop() {
             let node = &mut self.nodes[n as usize];
             if !node.walked || node.pending > 0 || node.done {
-                return;
+                continue;
             }
             node.done = true;
-            let (cost, parent) = (node.len.saturating_add(node.cost), node.parent);
-            let Some(p) = parent else { return };
-            let pn = &mut self.nodes[p as usize];
-            pn.cost = pn.cost.max(cost);
-            pn.pending -= 1;
-            n = p;
+            let cost = node.cost;
+            for (p, len) in std::mem::take(&mut node.parents) {
+                let pn = &mut self.nodes[p as usize];
+                pn.cost = pn.cost.max(len.saturating_add(cost));
+                pn.pending -= 1;
+                if pn.pending == 0 {
+                    ready.push(p);
+                }
+            }
         }
     }
 
@@ -1562,8 +1698,7 @@ mod tests {
              out:
              mov %r0, 0
              exit",
-        )
-        ;
+        );
         // A length that may be 0 initialises nothing for certain.
         let r = check(
             "ldxdw %r3, [%r1+32]\njgt %r3, 16, +7\nmov %r1, 0\nmov %r2, %r10\nadd %r2, -16\ncall 1\nldxdw %r0, [%r10-16]\nexit\nmov %r0, 0\nexit",

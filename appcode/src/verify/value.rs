@@ -365,6 +365,16 @@ impl Value {
         }
     }
 
+    /// Whether two values are of one kind: both numbers, both pointers into one region,
+    /// or both unset.
+    pub fn same_kind(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Uninit, Value::Uninit) | (Value::Scalar(_), Value::Scalar(_)) => true,
+            (Value::Ptr { region: r, .. }, Value::Ptr { region: q, .. }) => r == q,
+            _ => false,
+        }
+    }
+
     /// A value covering both (of the same shape); with `widen`, bounds that `other`
     /// pushes past `self` move on to the next threshold.
     pub fn join(&self, other: &Value, widen: Option<&Thresholds>) -> Value {
@@ -479,6 +489,14 @@ impl Slot {
         match (self, other) {
             (Slot::Bytes(m), Slot::Bytes(n)) => m == n,
             (Slot::Spill(a, i), Slot::Spill(b, j)) => i == j && a.same_shape(b),
+            _ => false,
+        }
+    }
+
+    pub fn same_kind(&self, other: &Slot) -> bool {
+        match (self, other) {
+            (Slot::Bytes(m), Slot::Bytes(n)) => m == n,
+            (Slot::Spill(a, i), Slot::Spill(b, j)) => i == j && a.same_kind(b),
             _ => false,
         }
     }

@@ -1,4 +1,4 @@
-// expect: reject TooComplex
+// expect: reject Loop
 #include "nearfs.h"
 
 /* Follows "next" indices through the window until it finds a zero: nothing bounds it. */
