@@ -128,6 +128,10 @@ fn frame_bytes(insns: &[Insn]) -> usize {
     // Registers known to hold r10 + k, in straight-line order.
     let mut derived: [Option<i64>; 11] = [None; 11];
     for i in insns {
+        if i.dst > FP || i.src > FP {
+            // Not a register; the verifier refuses the program.
+            continue;
+        }
         match i.class() {
             class::LDX if i.src == FP => deepest = deepest.min(i64::from(i.off)),
             class::ST | class::STX if i.dst == FP => deepest = deepest.min(i64::from(i.off)),
@@ -135,9 +139,6 @@ fn frame_bytes(insns: &[Insn]) -> usize {
         }
         if i.op == class::ALU64 | alu::MOV | SRC_X && i.src == FP {
             derived[i.dst as usize] = Some(0);
-            continue;
-        }
-        if i.dst as usize >= derived.len() {
             continue;
         }
         if let Some(k) = derived[i.dst as usize] {
@@ -165,10 +166,7 @@ fn frame_bytes(insns: &[Insn]) -> usize {
                 }
                 _ => {}
             }
-        } else if i.op == class::ALU64 | alu::MOV | SRC_X
-            && (i.src as usize) < derived.len()
-            && derived[i.src as usize].is_some()
-        {
+        } else if i.op == class::ALU64 | alu::MOV | SRC_X && derived[i.src as usize].is_some() {
             derived[i.dst as usize] = derived[i.src as usize];
         }
     }

@@ -136,6 +136,10 @@ fn streams_too_large_or_with_impossible_registers_are_refused() {
     let r11 = [Insn::new(0xb7, 11, 0, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
     let e = Program::from_insns("r11", &r11, Mode::Jit).unwrap_err();
     assert!(format!("{e:?}").contains("BadRegister"), "{e}");
+    // Found by the verify fuzz target: the inliner's frame scan indexed by register.
+    let copy_fp = [Insn::new(0xbf, 12, 10, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
+    let e = Program::from_insns("r12", &copy_fp, Mode::Jit).unwrap_err();
+    assert!(format!("{e:?}").contains("BadRegister"), "{e}");
     let torn_lddw = [Insn::new(0x18, 0, 0, 0, 1)];
     let e = Program::from_insns("torn", &torn_lddw, Mode::Jit).unwrap_err();
     assert!(format!("{e:?}").contains("Unsupported"), "{e}");
