@@ -1,7 +1,6 @@
 //! Programs: load → inline → verify → bind globals → rewrite → compile, then run many times.
 
 use std::fmt;
-use std::sync::Arc;
 
 use crate::disasm;
 use crate::elf::{self, Linked, Loaded};
@@ -44,8 +43,8 @@ impl fmt::Display for ProgramError {
             ProgramError::Inline(e) => write!(f, "{e}"),
             ProgramError::WritableGlobal { section } => write!(
                 f,
-                "the program writes to {section}: runs of one program share its globals, so \
-                 they must be const; keep per-run state in ctx->scratch"
+                "the program uses {section}, a writable global: runs of one program share its \
+                 globals, so they must be const; keep per-run state in ctx->scratch"
             ),
             ProgramError::Rejected(d) => write!(f, "rejected: {d}"),
             ProgramError::Rewrite(e) => write!(f, "{e}"),
@@ -86,7 +85,7 @@ pub struct Program {
     verified: Verified,
     mode: Mode,
     /// Read-only globals; the compiled code holds their addresses.
-    _globals: Vec<Arc<[u8]>>,
+    _globals: Vec<Box<[u8]>>,
     engine: Engine,
 }
 
@@ -126,10 +125,10 @@ impl Program {
 
     fn from_linked(linked: &Linked, loaded: &Loaded, mode: Mode) -> Result<Program, ProgramError> {
         let prepared = prepare(linked, loaded)?;
-        let globals: Vec<Arc<[u8]>> = loaded
+        let globals: Vec<Box<[u8]>> = loaded
             .regions
             .iter()
-            .map(|r| Arc::from(r.bytes.as_slice()))
+            .map(|r| r.bytes.clone().into_boxed_slice())
             .collect();
         let mut bound = prepared.insns.clone();
         for r in &prepared.data_refs {
