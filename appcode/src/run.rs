@@ -179,9 +179,12 @@ impl<'a> Run<'a> {
                 .is_some_and(|end| end <= self.world.range.end)
     }
 
-    /// File bytes at `off` into `buf`, through the extents; zeros where there is no data.
+    /// File bytes at `off` into `buf`, through the extents; zeros where there is no data
+    /// and outside the run's range.
     fn fetch(&mut self, off: u64, buf: &mut [u8]) -> Result<(), RunError> {
-        let end = (off + buf.len() as u64).min(self.world.file_size);
+        let end = (off + buf.len() as u64)
+            .min(self.world.file_size)
+            .min(self.world.range.end);
         let extents = self.world.extents;
         let first = extents.partition_point(|e| e.file_off + e.len <= off);
         // Bytes of `buf` before `done` are filled; gaps between extents become zeros.

@@ -306,3 +306,36 @@ fn one_program_runs_concurrently_on_many_threads() {
         });
     }
 }
+
+#[test]
+fn the_window_shows_nothing_outside_the_runs_range() {
+    let data = vec![0xabu8; 3 * 4096];
+    let file = TestFile::new(&data);
+    // Sums the whole window.
+    let sum = appcode::asm::assemble(
+        "ldxdw %r2, [%r1]
+         mov %r0, 0
+         mov %r3, 0
+         l:
+         mov %r4, %r2
+         add %r4, %r3
+         ldxb %r5, [%r4]
+         add %r0, %r5
+         add %r3, 1
+         jlt %r3, 4096, l
+         exit",
+    )
+    .unwrap();
+    for mode in MODES {
+        let p = Program::from_insns("sum", &sum, mode).unwrap();
+        let mut world = file.world(false);
+        world.range = 100..1100;
+        let out = p.run(world, &Request::default()).unwrap();
+        assert_eq!(
+            out.result,
+            1000 * 0xab,
+            "{mode:?}: only the range's 1000 bytes"
+        );
+        assert_eq!(out.costs.device_bytes, 1000);
+    }
+}

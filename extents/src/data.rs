@@ -26,6 +26,15 @@ fn seg_bytes(seg: &Segment) -> (u64, u64) {
     (seg.file.0 * BLOCK_SIZE, (seg.file.0 + seg.len) * BLOCK_SIZE)
 }
 
+/// A file's data in place: see [`Fs::in_place`].
+pub struct InPlace<'a> {
+    pub device: &'a dyn blockdev::BlockDevice,
+    /// In file order; blocks not covered are holes.
+    pub extents: Vec<Extent>,
+    /// The file's size in bytes.
+    pub size: u64,
+}
+
 fn regular(i: &Inode) -> Result<()> {
     if i.is_dir() {
         return Err(FsError::IsDir);
@@ -391,6 +400,53 @@ impl Fs {
                 .max(i.extents.next_hole(blk).0 * BLOCK_SIZE)
                 .min(i.size)),
             _ => Err(FsError::Invalid("whence")),
+        }
+    }
+
+    /// Calls `f` with a regular file's data where it lies on the device, for code that
+    /// works on it in place (offload). The file's extents stay as they are until `f`
+    /// returns: writers wait, and with `exclusive` so does everyone else, which makes a
+    /// read-modify-write in `f` atomic with respect to `write()` and other such calls.
+    /// `f` returns whether it wrote file bytes (only allowed when `exclusive`, and only
+    /// within written extents); if so the file's mtime and ctime are updated.
+    pub fn in_place<R>(
+        &self,
+        ino: Ino,
+        exclusive: bool,
+        f: impl FnOnce(&InPlace<'_>) -> (R, bool),
+    ) -> Result<R> {
+        if exclusive {
+            if self.opts.read_only {
+                return Err(FsError::ReadOnly);
+            }
+            let mut st = lock_write(&self.state);
+            let (r, wrote) = {
+                let i = st.get(ino)?;
+                regular(i)?;
+                f(&InPlace {
+                    device: self.dev.as_ref(),
+                    extents: i.extents.extents(),
+                    size: i.size,
+                })
+            };
+            if wrote {
+                let now = Timestamp::now();
+                let i = st.inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
+                i.mtime = now;
+                i.ctime = now;
+                st.dirty_inodes.insert(ino.0);
+            }
+            Ok(r)
+        } else {
+            let st = lock_read(&self.state);
+            let i = st.get(ino)?;
+            regular(i)?;
+            let (r, _) = f(&InPlace {
+                device: self.dev.as_ref(),
+                extents: i.extents.extents(),
+                size: i.size,
+            });
+            Ok(r)
         }
     }
 

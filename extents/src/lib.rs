@@ -23,7 +23,7 @@ mod xattr;
 
 pub use access::Creds;
 pub use data::{
-    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, SEEK_DATA, SEEK_HOLE,
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, InPlace, SEEK_DATA, SEEK_HOLE,
 };
 pub use error::{FsError, Result};
 pub use filesystem::{Fs, FsInfo, MkfsOptions, MountOptions, read_superblock};
@@ -32,4 +32,4 @@ pub use ops::{
     StatFs, TimeSet,
 };
 pub use types::{BLOCK_SIZE, DevBlock, FileBlock, Ino};
-pub use xattr::{RESERVED_PREFIX, XATTR_CREATE, XATTR_REPLACE};
+pub use xattr::{OWNER_POLICIES, RESERVED_PREFIX, XATTR_CREATE, XATTR_REPLACE};

@@ -17,8 +17,28 @@ pub const XATTR_TOTAL_MAX: usize = 256 * 1024;
 pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
 
-/// Names under this prefix are views computed by the daemon, never stored.
+/// Names under this prefix are views computed by the daemon, never stored, except the
+/// owner policies below.
 pub const RESERVED_PREFIX: &[u8] = b"user.nearfs.";
+
+/// Stored attributes under the reserved prefix by which a file's owner (or root) sets a
+/// policy for it; nobody else may set or remove them, whatever the file's mode.
+pub const OWNER_POLICIES: &[&[u8]] = &[b"user.nearfs.offload"];
+
+/// May `cr` set or remove `name` on `i`?
+fn check_set(cr: &Creds, i: &crate::filesystem::Inode, name: &[u8]) -> Result<()> {
+    if OWNER_POLICIES.contains(&name) {
+        return if cr.is_root() || cr.uid == i.uid {
+            Ok(())
+        } else {
+            Err(FsError::NotPermitted)
+        };
+    }
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(FsError::NotPermitted);
+    }
+    check(cr, i, name, MAY_WRITE)
+}
 
 enum Namespace {
     User,
@@ -86,15 +106,12 @@ impl Fs {
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
-        if name.starts_with(RESERVED_PREFIX) {
-            return Err(FsError::NotPermitted);
-        }
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::ValueTooLarge);
         }
         let mut st = lock_write(&self.state);
         let i = st.get(ino)?;
-        check(cr, i, name, MAY_WRITE)?;
+        check_set(cr, i, name)?;
         let exists = i.xattrs.contains_key(name);
         if flags & XATTR_CREATE != 0 && exists {
             return Err(FsError::Exists);
@@ -141,11 +158,8 @@ impl Fs {
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
-        if name.starts_with(RESERVED_PREFIX) {
-            return Err(FsError::NotPermitted);
-        }
         let mut st = lock_write(&self.state);
-        check(cr, st.get(ino)?, name, MAY_WRITE)?;
+        check_set(cr, st.get(ino)?, name)?;
         if !st.get(ino)?.xattrs.contains_key(name) {
             return Err(FsError::NoAttribute);
         }

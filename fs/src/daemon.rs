@@ -15,13 +15,15 @@ use extents::format::Timestamp;
 use extents::{Attr, Creds, FileKind, Fs, FsError, Ino, OpenMode, RenameFlags, SetAttr, TimeSet};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::errno::errno;
 use crate::inspect;
+use crate::offload::{Caller, Offload};
 
 /// How long the kernel may cache attributes and entries. Every change goes through this
 /// daemon, so the kernel's copies go stale only through another mount, which is refused.
@@ -40,6 +42,7 @@ struct Handle {
 #[derive(Debug)]
 pub struct NearFs {
     fs: Arc<Fs>,
+    offload: Arc<Offload>,
     handles: DashMap<u64, Handle>,
     next_handle: AtomicU64,
 }
@@ -171,9 +174,10 @@ fn open_mode(flags: OpenFlags) -> OpenMode {
 }
 
 impl NearFs {
-    pub fn new(fs: Arc<Fs>) -> Self {
+    pub fn new(fs: Arc<Fs>, offload: Arc<Offload>) -> Self {
         Self {
             fs,
+            offload,
             handles: DashMap::new(),
             next_handle: AtomicU64::new(1),
         }
@@ -641,7 +645,7 @@ impl Filesystem for NearFs {
         let ino = Ino(ino.0);
         let value = match self.kind_of(ino) {
             Err(e) => Err(e),
-            Ok(kind) => match inspect::view(&self.fs, ino, kind, name.as_bytes()) {
+            Ok(kind) => match inspect::view(&self.fs, &self.offload, ino, kind, name.as_bytes()) {
                 Some(v) => v,
                 None => self.fs.getxattr(&creds(req), ino, name.as_bytes()),
             },
@@ -732,6 +736,39 @@ impl Filesystem for NearFs {
             reply,
             self.fs.fallocate(Ino(ino.0), offset, length, mode as u32),
         );
+    }
+
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let h = match self.handle(fh, ino) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let kind = match self.kind_of(h.ino) {
+            Ok(k) => k,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let cr = creds(req);
+        let caller = Caller {
+            creds: &cr,
+            ino: h.ino,
+            kind,
+            mode: h.mode,
+        };
+        match self.offload.ioctl(&caller, cmd, in_data) {
+            Ok(out) if out.len() == out_size as usize => reply.ioctl(0, &out),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn lseek(

@@ -6,35 +6,54 @@
 //! - `user.nearfs.extents` (regular files): extents in file order, separated by `; `,
 //!   each `file=OFFSET dev=OFFSET len=BYTES STATE` with STATE `written` or `unwritten`;
 //!   empty for a file without blocks.
+//! - `user.nearfs.stats` (regular files): offload counters since mount: `runs failures
+//!   hops device_bytes bytes_returned insns`.
 //! - `user.nearfs.fs` (root directory): filesystem facts.
+//! - `user.nearfs.programs` (root directory): the loaded programs, separated by `; `, each
+//!   `id name owner insns max_insns verify_states verify_us`.
+//!
+//! `user.nearfs.offload` is not a view but a stored owner policy (`off` or `ro`).
 
 use extents::{BLOCK_SIZE, FileKind, Fs, Ino};
 
+use crate::offload::Offload;
+
 pub const EXTENTS: &str = "user.nearfs.extents";
+pub const STATS: &str = "user.nearfs.stats";
 pub const FS_FACTS: &str = "user.nearfs.fs";
+pub const PROGRAMS: &str = "user.nearfs.programs";
 
 /// The view names that apply to an inode of `kind`.
 pub fn names_for(ino: Ino, kind: FileKind) -> Vec<&'static str> {
     let mut v = Vec::new();
     if kind == FileKind::RegularFile {
         v.push(EXTENTS);
+        v.push(STATS);
     }
     if ino == Ino::ROOT {
         v.push(FS_FACTS);
+        v.push(PROGRAMS);
     }
     v
 }
 
 /// The value of view `name` on `ino`, or None if no such view applies.
-pub fn view(fs: &Fs, ino: Ino, kind: FileKind, name: &[u8]) -> Option<extents::Result<Vec<u8>>> {
+pub fn view(
+    fs: &Fs,
+    offload: &Offload,
+    ino: Ino,
+    kind: FileKind,
+    name: &[u8],
+) -> Option<extents::Result<Vec<u8>>> {
     let applies = names_for(ino, kind).iter().any(|n| n.as_bytes() == name);
     if !applies {
         return None;
     }
-    Some(if name == EXTENTS.as_bytes() {
-        extents_view(fs, ino)
-    } else {
-        Ok(fs_view(fs))
+    Some(match name {
+        n if n == EXTENTS.as_bytes() => extents_view(fs, ino),
+        n if n == STATS.as_bytes() => Ok(offload.file_stats(ino).into_bytes()),
+        n if n == PROGRAMS.as_bytes() => Ok(offload.programs().into_bytes()),
+        _ => Ok(fs_view(fs)),
     })
 }
 

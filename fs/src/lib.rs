@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod errno;
 pub mod inspect;
 pub mod mount;
+pub mod offload;
 pub mod prog;

@@ -55,6 +55,27 @@ enum Command {
     },
     /// Show format version, sizes, free space and fragmentation.
     Info { image: PathBuf },
+    /// Run appcode over FILE's data inside the daemon: prints the program's output on
+    /// stdout, its result and costs on stderr.
+    Run {
+        file: PathBuf,
+        /// A loaded program's id, or an object file to load for this run.
+        program: String,
+        /// The program in an object with several.
+        #[arg(long)]
+        name: Option<String>,
+        /// The file bytes the program may use, OFF:LEN (LEN may be `end`).
+        #[arg(long, value_parser = prog::parse_range, default_value = "0:end")]
+        range: (u64, u64),
+        /// Argument words, concatenated: u64:N, u32:N, hex:HEX, str:TEXT, @FILE.
+        #[arg(long)]
+        arg: Vec<String>,
+        /// Let the program write the file (opens it read-write).
+        #[arg(long)]
+        write: bool,
+        #[arg(long, value_enum, default_value = "hex")]
+        out: prog::OutFormat,
+    },
     /// Work with appcode objects (clang -O2 -g -target bpf).
     Prog {
         #[command(subcommand)]
@@ -78,6 +99,18 @@ enum ProgCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Load a program into the mount that holds PATH (any file or directory of it);
+    /// prints its id.
+    Load {
+        path: PathBuf,
+        object: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the programs loaded into the mount that holds PATH.
+    List { path: PathBuf },
+    /// Unload a program (its owner or root).
+    Unload { path: PathBuf, id: u64 },
 }
 
 fn init_logging(verbose: u8) {
@@ -149,7 +182,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             ProgCommand::Disasm { object, name } => prog::disasm(&object, name.as_deref())?,
+            ProgCommand::Load { path, object, name } => {
+                prog::load_object(&path, &object, name.as_deref())?
+            }
+            ProgCommand::List { path } => prog::list(&path)?,
+            ProgCommand::Unload { path, id } => prog::unload(&path, id)?,
         },
+        Command::Run {
+            file,
+            program,
+            name,
+            range,
+            arg,
+            write,
+            out,
+        } => prog::run(&prog::RunArgs {
+            file: &file,
+            program: &program,
+            name: name.as_deref(),
+            range,
+            arg: prog::parse_arg(&arg)?,
+            write,
+            out,
+        })?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,7 @@ use extents::{Fs, MountOptions};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::daemon::NearFs;
+use crate::offload::{Offload, Policy};
 
 /// Environment variable through which a daemonized child learns its readiness pipe.
 const READY_FD_ENV: &str = "NEARFS_READY_FD";
@@ -41,6 +42,10 @@ pub struct MountConfig {
     pub log: Option<PathBuf>,
     /// Log verbosity (-v count), handed on to a daemonized child.
     pub verbose: u8,
+    /// What appcode may do on this mount (`offload=off|ro|rw`).
+    pub offload: Policy,
+    /// Runs one user may have going at once (`offload_runs=N`).
+    pub offload_runs: u32,
 }
 
 impl MountConfig {
@@ -58,6 +63,8 @@ impl MountConfig {
             passthrough: Vec::new(),
             log: None,
             verbose: 0,
+            offload: Policy::ReadWrite,
+            offload_runs: 4,
         }
     }
 
@@ -89,6 +96,21 @@ impl MountConfig {
                         .context("threads=1..64")?
                 }
                 ("log", Some(v)) if !v.is_empty() => self.log = Some(v.into()),
+                ("offload", Some(v)) => {
+                    self.offload = match v {
+                        "off" => Policy::Off,
+                        "ro" => Policy::ReadOnly,
+                        "rw" => Policy::ReadWrite,
+                        _ => bail!("offload=off|ro|rw"),
+                    }
+                }
+                ("offload_runs", Some(v)) => {
+                    self.offload_runs = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| (1..=1024).contains(&n))
+                        .context("offload_runs=1..1024")?
+                }
                 ("nodev", None) => self.passthrough.push(MountOption::NoDev),
                 ("dev", None) => self.passthrough.push(MountOption::Dev),
                 ("nosuid", None) => self.passthrough.push(MountOption::NoSuid),
@@ -279,7 +301,9 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     config.clone_fd = true;
 
     let signals = block_stop_signals();
-    let (session, unmount) = start_session(cfg, NearFs::new(fs.clone()), config)?;
+    let offload = Arc::new(Offload::new(fs.clone(), cfg.offload, cfg.offload_runs));
+    let (session, unmount) = start_session(cfg, NearFs::new(fs.clone(), offload.clone()), config)?;
+    offload.set_notifier(session.notifier());
     std::thread::Builder::new()
         .name("nearfs-signals".into())
         .spawn(move || {

@@ -106,3 +106,159 @@ pub fn disasm(object: &Path, name: Option<&str>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Opens a file (or directory) of a mount for offload requests.
+fn open(path: &Path, write: bool) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// `nearfs prog load PATH PROG.o`: loads into the mount that holds PATH; prints the id.
+pub fn load_object(path: &Path, object: &Path, name: Option<&str>) -> anyhow::Result<()> {
+    let f = open(path, false)?;
+    let bytes = std::fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+    let id = nearfs_client::load(&f, &bytes, name)?;
+    println!("{}", id.0);
+    Ok(())
+}
+
+pub fn list(path: &Path) -> anyhow::Result<()> {
+    let f = open(path, false)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>6}  {:<24} {:>6} {:>6} {:>12}",
+        "id", "name", "owner", "insns", "worst case"
+    )?;
+    for p in nearfs_client::list(&f)? {
+        writeln!(
+            out,
+            "{:>6}  {:<24} {:>6} {:>6} {:>12}",
+            p.id.0, p.name, p.owner, p.insns, p.max_insns
+        )?;
+    }
+    Ok(())
+}
+
+pub fn unload(path: &Path, id: u64) -> anyhow::Result<()> {
+    let f = open(path, false)?;
+    nearfs_client::unload(&f, nearfs_client::ProgId(id))?;
+    Ok(())
+}
+
+/// Parses `--arg` words: `u64:N`, `u32:N`, `hex:HEX`, `str:TEXT`, `@FILE`; concatenated.
+pub fn parse_arg(words: &[String]) -> anyhow::Result<Vec<u8>> {
+    let mut arg = Vec::new();
+    for w in words {
+        if let Some(p) = w.strip_prefix('@') {
+            arg.extend(std::fs::read(p).with_context(|| format!("reading {p}"))?);
+        } else if let Some(n) = w.strip_prefix("u64:") {
+            arg.extend(parse_number(n)?.to_le_bytes());
+        } else if let Some(n) = w.strip_prefix("u32:") {
+            let v = u32::try_from(parse_number(n)?).context("u32 out of range")?;
+            arg.extend(v.to_le_bytes());
+        } else if let Some(h) = w.strip_prefix("hex:") {
+            anyhow::ensure!(h.len() % 2 == 0, "hex: needs an even number of digits");
+            for i in (0..h.len()).step_by(2) {
+                arg.push(u8::from_str_radix(&h[i..i + 2], 16).context("hex: digits")?);
+            }
+        } else if let Some(s) = w.strip_prefix("str:") {
+            arg.extend_from_slice(s.as_bytes());
+        } else {
+            anyhow::bail!("--arg {w:?}: use u64:N, u32:N, hex:HEX, str:TEXT or @FILE");
+        }
+    }
+    Ok(arg)
+}
+
+fn parse_number(s: &str) -> anyhow::Result<u64> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.with_context(|| format!("not a number: {s:?}"))
+}
+
+/// `--range OFF:LEN` (LEN may be `end`).
+pub fn parse_range(s: &str) -> anyhow::Result<(u64, u64)> {
+    let (o, l) = s.split_once(':').context("--range OFF:LEN")?;
+    let len = if l == "end" {
+        nearfs_client::abi::RANGE_TO_END
+    } else {
+        parse_number(l)?
+    };
+    Ok((parse_number(o)?, len))
+}
+
+/// How `nearfs run` prints the program's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutFormat {
+    Raw,
+    Hex,
+    U64,
+}
+
+/// What `nearfs run` is asked to do.
+pub struct RunArgs<'a> {
+    pub file: &'a Path,
+    /// A program id, or an object file to load for this run.
+    pub program: &'a str,
+    pub name: Option<&'a str>,
+    pub range: (u64, u64),
+    pub arg: Vec<u8>,
+    pub write: bool,
+    pub out: OutFormat,
+}
+
+/// `nearfs run`: prints the output on stdout, the result and costs on stderr.
+pub fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
+    let f = open(a.file, a.write)?;
+    let (prog, loaded_here) = match a.program.parse::<u64>() {
+        Ok(id) => (nearfs_client::ProgId(id), false),
+        Err(_) => {
+            let bytes =
+                std::fs::read(a.program).with_context(|| format!("reading {}", a.program))?;
+            (nearfs_client::load(&f, &bytes, a.name)?, true)
+        }
+    };
+    let req = nearfs_client::Run::new(prog)
+        .range(a.range.0, a.range.1)
+        .arg(&a.arg)
+        .write(a.write);
+    let result = nearfs_client::run(&f, &req);
+    if loaded_here {
+        let _ = nearfs_client::unload(&f, prog);
+    }
+    let out = result?;
+    let mut stdout = std::io::stdout().lock();
+    match a.out {
+        OutFormat::Raw => stdout.write_all(&out.output)?,
+        OutFormat::Hex => {
+            for (i, line) in out.output.chunks(16).enumerate() {
+                let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+                writeln!(stdout, "{:08x}  {}", i * 16, hex.join(" "))?;
+            }
+        }
+        OutFormat::U64 => {
+            for w in out.output.chunks(8) {
+                let mut b = [0u8; 8];
+                b[..w.len()].copy_from_slice(w);
+                writeln!(stdout, "{}", u64::from_le_bytes(b))?;
+            }
+        }
+    }
+    stdout.flush()?;
+    eprintln!(
+        "result={} ({}) insns={} hops={} device_bytes={} output_bytes={}",
+        out.result,
+        out.result as i64,
+        out.costs.insns,
+        out.costs.hops,
+        out.costs.device_bytes,
+        out.costs.output_bytes
+    );
+    Ok(())
+}
