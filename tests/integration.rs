@@ -556,3 +556,345 @@ fn prog_verify_explains_rejections_and_disasm_assembles_back() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.o"));
 }
+
+// ---- Offload: appcode run over a file's own extents through the ioctl. ----
+
+use nearfs_client::layouts::{btree, kv, records};
+use nearfs_client::{ProgId, Run};
+use std::os::unix::fs::FileExt;
+
+/// Compiles `bpf-progs/NAME.c` into the test's directory.
+fn example(t: &TestFs, name: &str) -> std::path::PathBuf {
+    compile_bpf(&progs_dir().join(format!("{name}.c")), t.dir.path())
+}
+
+fn load_example(t: &TestFs, name: &str) -> ProgId {
+    let root = File::open(&t.mnt).unwrap();
+    let object = fs::read(example(t, name)).unwrap();
+    nearfs_client::load(&root, &object, None).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn offload_runs_appcode_over_a_files_own_extents() {
+    let t = TestFs::new("256M", "");
+    // A B+-tree of depth 3 (fill 40), a file of records, and text with many matches.
+    let pairs: Vec<(u64, u64)> = (0..30_000u64).map(|i| (i * 7 + 3, i * i)).collect();
+    let (tree, depth) = btree::build(&pairs, 40);
+    assert_eq!(depth, 3);
+    fs::write(t.path("tree.db"), &tree).unwrap();
+    let recs: Vec<(u64, u64)> = (0..100_000u64)
+        .map(|i| (i, (i * 2_654_435_761) % 1_000_000))
+        .collect();
+    let rec_bytes = records::encode(&recs);
+    fs::write(t.path("records.bin"), &rec_bytes).unwrap();
+    let text: Vec<u8> = (0..3000)
+        .flat_map(|i| format!("line {i}: needle here\n").into_bytes())
+        .collect();
+    fs::write(t.path("text.txt"), &text).unwrap();
+
+    let lookup = load_example(&t, "btree");
+    let filter = load_example(&t, "filter");
+    let substr = load_example(&t, "substr");
+
+    let f = File::open(t.path("tree.db")).unwrap();
+    for &(k, v) in pairs.iter().step_by(211) {
+        let out = nearfs_client::run(&f, &Run::new(lookup).arg(&k.to_le_bytes())).unwrap();
+        let by_reads = btree::lookup(|buf, at| f.read_exact_at(buf, at), k).unwrap();
+        assert_eq!((out.result, by_reads), (v, Some(v)));
+        assert_eq!(out.costs.hops, depth as u64 - 1);
+        assert_eq!(out.costs.device_bytes, (depth * btree::NODE) as u64);
+    }
+    let absent = nearfs_client::run(&f, &Run::new(lookup).arg(&5u64.to_le_bytes())).unwrap();
+    assert_eq!(absent.result as i64, -1);
+
+    let f = File::open(t.path("records.bin")).unwrap();
+    let (lo, hi) = (200_000, 300_000);
+    let out = nearfs_client::run(&f, &Run::new(filter).arg(&records::arg(lo, hi))).unwrap();
+    let want = records::aggregate(&rec_bytes, lo, hi);
+    assert_eq!(out.result, want[0]);
+    let got: Vec<u64> = out
+        .output
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+    // Half of the file, by range.
+    let half = rec_bytes.len() as u64 / 2;
+    let out = nearfs_client::run(
+        &f,
+        &Run::new(filter).arg(&records::arg(lo, hi)).range(0, half),
+    )
+    .unwrap();
+    assert_eq!(
+        out.result,
+        records::aggregate(&rec_bytes[..half as usize], lo, hi)[0]
+    );
+
+    // 3000 matches are 24000 bytes of output: three ioctls' worth, fetched with MORE.
+    let f = File::open(t.path("text.txt")).unwrap();
+    let out = nearfs_client::run(&f, &Run::new(substr).arg(b"needle")).unwrap();
+    let want: Vec<u8> = (0..text.len() - 6)
+        .filter(|&i| &text[i..i + 6] == b"needle")
+        .flat_map(|i| (i as u64).to_le_bytes())
+        .collect();
+    assert_eq!(out.result, 3000);
+    assert_eq!(out.output.len(), want.len());
+    assert_eq!(out.output, want);
+
+    // Inspection, listing, unloading.
+    let stats =
+        String::from_utf8(getxattr(&t.path("tree.db"), "user.nearfs.stats").unwrap()).unwrap();
+    // Every lookup, and the one of an absent key, walks down to a leaf.
+    let lookups = pairs.iter().step_by(211).count() as u64 + 1;
+    let want = format!(
+        "runs={lookups} failures=0 hops={} ",
+        lookups * (depth as u64 - 1)
+    );
+    assert!(stats.starts_with(&want), "{stats}");
+    let progs = String::from_utf8(getxattr(&t.mnt, "user.nearfs.programs").unwrap()).unwrap();
+    for name in ["btree_lookup", "filter", "substr"] {
+        assert!(progs.contains(&format!("name={name} ")), "{progs}");
+    }
+    let root = File::open(&t.mnt).unwrap();
+    assert_eq!(nearfs_client::list(&root).unwrap().len(), 3);
+    nearfs_client::unload(&root, lookup).unwrap();
+    let gone = nearfs_client::run(&f, &Run::new(lookup)).unwrap_err();
+    assert_eq!(client_errno(&gone), Some(libc::ENOENT));
+    assert_eq!(nearfs_client::list(&root).unwrap().len(), 2);
+}
+
+#[test]
+fn offload_access_follows_handles_credentials_and_owner_policy() {
+    let t = TestFs::new("64M", "allow_other");
+    let tool = nearfs_for_everyone(t.dir.path());
+    let tool = tool.to_str().unwrap();
+    let key = [7u8; kv::KEY];
+    let rec = kv::record(&key, 0);
+    for (name, mode) in [("shared.kv", 0o644), ("private.kv", 0o600)] {
+        fs::write(t.path(name), &rec).unwrap();
+        std::os::unix::fs::chown(t.path(name), Some(1000), Some(1000)).unwrap();
+        fs::set_permissions(t.path(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let incr = load_example(&t, "kv_increment").0;
+    let arg = format!("--arg u64:0 --arg hex:{}", "07".repeat(kv::KEY));
+    let shared = t.path("shared.kv");
+    let shared = shared.to_str().unwrap();
+    let private = t.path("private.kv");
+    let private = private.to_str().unwrap();
+    let run = |uid: u32, file: &str, extra: &str| {
+        sh_as(
+            uid,
+            uid,
+            &[],
+            &format!("{tool} run {file} {incr} {arg} {extra} --out raw"),
+        )
+    };
+    // Another user may run a reading program on a file it can read...
+    let out = run(2000, shared, "");
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("result={}", -libc::EPERM as u64)),
+        "kv_increment without write intent gets -EPERM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...but not one on a file it cannot open, nor a writing one on a file it cannot write.
+    assert!(!run(2000, private, "").status.success());
+    let w = run(2000, shared, "--write");
+    assert!(!w.status.success());
+    assert!(String::from_utf8_lossy(&w.stderr).contains("Permission denied"));
+    // The owner may write, and the increment lands.
+    assert_ok(&run(1000, shared, "--write"));
+    assert_eq!(kv::counter(&fs::read(t.path("shared.kv")).unwrap()), 1);
+    // A read-only handle never runs appcode that writes, whoever holds it.
+    let ro = File::open(t.path("shared.kv")).unwrap();
+    let e = nearfs_client::run(
+        &ro,
+        &Run::new(ProgId(incr)).arg(&kv::arg(0, &key)).write(true),
+    )
+    .unwrap_err();
+    assert_eq!(client_errno(&e), Some(libc::EBADF));
+    // The owner's policy: `ro` stops writing runs, `off` stops all; only the owner sets it.
+    let set = |uid: u32, v: &str| {
+        sh_as(
+            uid,
+            uid,
+            &[],
+            &format!("setfattr -n user.nearfs.offload -v {v} {shared}"),
+        )
+    };
+    assert!(!set(2000, "off").status.success());
+    assert_ok(&set(1000, "ro"));
+    assert!(!run(1000, shared, "--write").status.success());
+    assert_ok(&run(2000, shared, ""));
+    assert_ok(&set(1000, "off"));
+    let off = run(2000, shared, "");
+    assert!(
+        String::from_utf8_lossy(&off.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
+    assert_eq!(kv::counter(&fs::read(t.path("shared.kv")).unwrap()), 1);
+    // Programs belong to whoever loaded them.
+    let out = sh_as(
+        2000,
+        2000,
+        &[],
+        &format!("{tool} prog unload {} {incr}", t.mnt.display()),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
+}
+
+#[test]
+fn offloaded_increments_are_atomic_and_visible_to_reads() {
+    let t = TestFs::new("64M", "");
+    let key = [9u8; kv::KEY];
+    let mut file: Vec<u8> = (0..4u8)
+        .flat_map(|k| kv::record(&[k; kv::KEY], 0))
+        .collect();
+    file.extend(kv::record(&key, 0));
+    fs::write(t.path("counters.kv"), &file).unwrap();
+    let before = fs::metadata(t.path("counters.kv")).unwrap().mtime_nsec();
+    let object = example(&t, "kv_increment");
+    let id = load_example(&t, "kv_increment").0;
+    let _ = object;
+    // Cache the file's pages in the kernel, so that visibility needs invalidation.
+    assert_eq!(
+        kv::counter(&fs::read(t.path("counters.kv")).unwrap()[4 * kv::SIZE..]),
+        0
+    );
+    let arg = format!("--arg u64:4 --arg hex:{}", "09".repeat(kv::KEY));
+    let path = t.path("counters.kv");
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new(nearfs_bin())
+                .args([
+                    "run",
+                    path.to_str().unwrap(),
+                    &id.to_string(),
+                    "--write",
+                    "--repeat",
+                    "10000",
+                    "--out",
+                    "raw",
+                ])
+                .args(arg.split(' '))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Meanwhile write() rewrites another record of the same file.
+    let w = OpenOptions::new()
+        .write(true)
+        .open(t.path("counters.kv"))
+        .unwrap();
+    for i in 0..2000u64 {
+        w.write_all_at(&kv::record(&[1; kv::KEY], i), kv::SIZE as u64)
+            .unwrap();
+    }
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert_ok(&out);
+    }
+    let now = fs::read(t.path("counters.kv")).unwrap();
+    assert_eq!(kv::counter(&now[4 * kv::SIZE..]), 80_000);
+    assert_eq!(kv::counter(&now[kv::SIZE..2 * kv::SIZE]), 1999);
+    assert_ne!(
+        fs::metadata(t.path("counters.kv")).unwrap().mtime_nsec(),
+        before
+    );
+}
+
+#[test]
+fn a_failing_run_writes_nothing_and_bad_requests_get_their_own_errno() {
+    let t = TestFs::new("64M", "");
+    let key = [3u8; kv::KEY];
+    fs::write(t.path("one.kv"), kv::record(&key, 41)).unwrap();
+    // Writes the counter, then hops outside its range: the run fails, the write is dropped.
+    let src = t.dir.path().join("write_then_fail.c");
+    fs::write(
+        &src,
+        r#"#include "nearfs.h"
+NEARFS_PROG("write_then_fail") long write_then_fail(struct nearfs_ctx *ctx)
+{
+    __u64 v = 1000;
+    nearfs_write(56, &v, 8);
+    return nearfs_next(ctx, ctx->range_end + 4096);
+}
+"#,
+    )
+    .unwrap();
+    let obj = fs::read(compile_bpf(&src, t.dir.path())).unwrap();
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(t.path("one.kv"))
+        .unwrap();
+    let bad = nearfs_client::load(&rw, &obj, None).unwrap();
+    match nearfs_client::run(&rw, &Run::new(bad).write(true)) {
+        Err(nearfs_client::Error::RunFailed { kind, .. }) => {
+            assert_eq!(kind, nearfs_client::abi::run_error::OUT_OF_RANGE)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(kv::counter(&fs::read(t.path("one.kv")).unwrap()), 41);
+
+    // A program the verifier rejects comes back with its log.
+    let hostile = fs::read(compile_bpf(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../appcode/tests/hostile/c_off_by_one.c"),
+        t.dir.path(),
+    ))
+    .unwrap();
+    match nearfs_client::load(&rw, &hostile, None) {
+        Err(nearfs_client::Error::Rejected { log }) => {
+            assert!(log.contains("data window"), "{log}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let errno_of_run = |f: &File, r: &Run<'_>| client_errno(&nearfs_client::run(f, r).unwrap_err());
+    let incr = load_example(&t, "kv_increment");
+    assert_eq!(
+        errno_of_run(&rw, &Run::new(ProgId(999_999))),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        errno_of_run(&rw, &Run::new(incr).range(u64::MAX - 10, 100)),
+        Some(libc::EOVERFLOW)
+    );
+    let dir = File::open(&t.mnt).unwrap();
+    assert_eq!(errno_of_run(&dir, &Run::new(incr)), Some(libc::EISDIR));
+    // Wrong ABI version, wrong size, unknown command: raw ioctls.
+    let raw = |cmd: u32, buf: &mut [u8]| {
+        // SAFETY: `buf` holds the command's size in bytes.
+        let r = unsafe { libc::ioctl(rw.as_raw_fd(), cmd as libc::c_ulong, buf.as_mut_ptr()) };
+        if r < 0 {
+            std::io::Error::last_os_error().raw_os_error()
+        } else {
+            None
+        }
+    };
+    let mut req = nearfs_client::abi::request(nearfs_client::abi::cmd::RUN_SIZE, 0);
+    req[0..4].copy_from_slice(&99u32.to_le_bytes());
+    assert_eq!(
+        raw(nearfs_client::abi::cmd::RUN, &mut req),
+        Some(libc::EPROTO)
+    );
+    let mut small = vec![0u8; 64];
+    assert_eq!(
+        raw(nearfs_client::abi::iowr(6, 64), &mut small),
+        Some(libc::ENOTTY)
+    );
+    assert_eq!(
+        nearfs_client::version(&rw).unwrap(),
+        nearfs_client::abi::ABI_VERSION
+    );
+    // A file deleted while open still runs, as it still reads.
+    fs::remove_file(t.path("one.kv")).unwrap();
+    let out = nearfs_client::run(&rw, &Run::new(incr).arg(&kv::arg(0, &key)).write(true)).unwrap();
+    assert_eq!(out.result, 42);
+    drop(rw);
+    // Nothing else changed: the filesystem is clean.
+    drop(dir);
+}

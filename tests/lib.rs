@@ -289,3 +289,21 @@ pub fn compile_bpf(source: &Path, dir: &Path) -> PathBuf {
     assert_ok(&out);
     object
 }
+
+/// A copy of the nearfs binary that any user can run (the build directory may not be
+/// reachable for them), in `dir`.
+pub fn nearfs_for_everyone(dir: &Path) -> PathBuf {
+    let to = dir.join("nearfs");
+    if !to.exists() {
+        std::fs::copy(nearfs_bin(), &to).expect("copy nearfs");
+    }
+    to
+}
+
+/// The errno of an offload client error, if it is one.
+pub fn client_errno(e: &nearfs_client::Error) -> Option<i32> {
+    match e {
+        nearfs_client::Error::Io(io) => io.raw_os_error(),
+        _ => None,
+    }
+}

@@ -3,7 +3,8 @@
 mod common;
 
 use appcode::{Mode, Program, Request};
-use common::{Rng, TestFile, build_btree, compile_file, progs_dir};
+use common::{Rng, TestFile, compile_file, progs_dir};
+use nearfs_client::layouts::btree;
 
 const MODES: [Mode; 2] = [Mode::Jit, Mode::Interpreter];
 
@@ -100,7 +101,7 @@ fn btree_lookups_agree_with_a_map_at_every_depth() {
             .collect();
         pairs.sort_unstable();
         pairs.dedup_by_key(|p| p.0);
-        let (bytes, depth) = build_btree(&pairs);
+        let (bytes, depth) = btree::build(&pairs, btree::FANOUT);
         let file = TestFile::new(&bytes);
         for mode in MODES {
             let p = load("btree.c", "btree_lookup", mode);
@@ -279,7 +280,7 @@ fn one_program_runs_concurrently_on_many_threads() {
         .collect();
     pairs.sort_unstable();
     pairs.dedup_by_key(|p| p.0);
-    let (bytes, _) = build_btree(&pairs);
+    let (bytes, _) = btree::build(&pairs, btree::FANOUT);
     let file = TestFile::new(&bytes);
     for mode in MODES {
         let p = load("btree.c", "btree_lookup", mode);

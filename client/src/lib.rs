@@ -13,6 +13,7 @@
 //! ```
 
 pub mod abi;
+pub mod layouts;
 
 use std::fmt;
 use std::fs::File;

@@ -765,7 +765,9 @@ impl Filesystem for NearFs {
             mode: h.mode,
         };
         match self.offload.ioctl(&caller, cmd, in_data) {
-            Ok(out) if out.len() == out_size as usize => reply.ioctl(0, &out),
+            Ok(answer) if answer.bytes.len() == out_size as usize => {
+                self.offload.reply(h.ino, answer, reply)
+            }
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
         }

@@ -75,6 +75,9 @@ enum Command {
         write: bool,
         #[arg(long, value_enum, default_value = "hex")]
         out: prog::OutFormat,
+        /// Run it this many times (one load), printing the last run.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Work with appcode objects (clang -O2 -g -target bpf).
     Prog {
@@ -196,6 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             arg,
             write,
             out,
+            repeat,
         } => prog::run(&prog::RunArgs {
             file: &file,
             program: &program,
@@ -204,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             arg: prog::parse_arg(&arg)?,
             write,
             out,
+            repeat,
         })?,
     }
     Ok(ExitCode::SUCCESS)

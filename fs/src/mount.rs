@@ -303,7 +303,7 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     let signals = block_stop_signals();
     let offload = Arc::new(Offload::new(fs.clone(), cfg.offload, cfg.offload_runs));
     let (session, unmount) = start_session(cfg, NearFs::new(fs.clone(), offload.clone()), config)?;
-    offload.set_notifier(session.notifier());
+    offload.set_notifier(session.notifier())?;
     std::thread::Builder::new()
         .name("nearfs-signals".into())
         .spawn(move || {

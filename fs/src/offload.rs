@@ -14,18 +14,21 @@
 //! - a run sees the extents of that file, its requested range only, under the
 //!   filesystem's lock: shared for reading runs, exclusive for writing ones, so a
 //!   read-modify-write is atomic against `write()` and other runs. What it wrote is
-//!   dropped from the kernel's page cache before the ioctl returns.
+//!   dropped from the kernel's page cache before the ioctl returns: the reply goes through
+//!   the invalidation thread, never from a FUSE worker, because invalidating waits for
+//!   page locks that an in-flight `write()` holds until a worker serves it.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use appcode::{Extent, Limits, Mode, Program, ProgramError, Request, RunError, World};
 use dashmap::DashMap;
 use extents::{BLOCK_SIZE, Creds, FileKind, Fs, Ino, OpenMode};
-use fuser::{Errno, INodeNo, Notifier};
+use fuser::{Errno, INodeNo, Notifier, ReplyIoctl};
 use nearfs_client::abi::{self, Fields, FieldsMut, cmd, off, run_error};
 
 use crate::errno::errno;
@@ -96,7 +99,21 @@ pub struct Offload {
     next_id: AtomicU64,
     running: Mutex<BTreeMap<u32, u32>>,
     stats: DashMap<u64, FileStats>,
-    notifier: OnceLock<Notifier>,
+    invalidator: OnceLock<Mutex<Sender<Invalidate>>>,
+}
+
+/// A reply to send once file ranges are dropped from the kernel's page cache.
+struct Invalidate {
+    ino: Ino,
+    ranges: Vec<std::ops::Range<u64>>,
+    reply: ReplyIoctl,
+    bytes: Vec<u8>,
+}
+
+/// The reply to an ioctl, and the file ranges to invalidate before sending it.
+pub struct Answer {
+    pub bytes: Vec<u8>,
+    pub written: Vec<std::ops::Range<u64>>,
 }
 
 impl std::fmt::Debug for Offload {
@@ -140,17 +157,54 @@ impl Offload {
             next_id: AtomicU64::new(1),
             running: Mutex::new(BTreeMap::new()),
             stats: DashMap::new(),
-            notifier: OnceLock::new(),
+            invalidator: OnceLock::new(),
         }
     }
 
-    /// Lets runs drop what they wrote from the kernel's page cache.
-    pub fn set_notifier(&self, n: Notifier) {
-        let _ = self.notifier.set(n);
+    /// Starts the thread that drops what runs wrote from the kernel's page cache and then
+    /// replies. Without it (before the session exists) replies go out at once.
+    pub fn set_notifier(&self, n: Notifier) -> std::io::Result<()> {
+        let (tx, rx) = channel::<Invalidate>();
+        std::thread::Builder::new()
+            .name("nearfs-invalidate".into())
+            .spawn(move || {
+                for job in rx {
+                    for r in &job.ranges {
+                        let (at, len) = (r.start as i64, (r.end - r.start) as i64);
+                        if let Err(e) = n.inval_inode(INodeNo(job.ino.0), at, len) {
+                            tracing::warn!(error = %e, "page cache invalidation failed");
+                        }
+                    }
+                    job.reply.ioctl(0, &job.bytes);
+                }
+            })?;
+        let _ = self.invalidator.set(Mutex::new(tx));
+        Ok(())
     }
 
-    /// Handles one ioctl; the reply is the struct to copy back.
-    pub fn ioctl(&self, caller: &Caller<'_>, command: u32, input: &[u8]) -> Result<Vec<u8>, Errno> {
+    /// Sends an answer: at once, or after invalidating what the run wrote.
+    pub fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
+        let Some(tx) = self
+            .invalidator
+            .get()
+            .filter(|_| !answer.written.is_empty())
+        else {
+            return reply.ioctl(0, &answer.bytes);
+        };
+        let job = Invalidate {
+            ino,
+            ranges: answer.written,
+            reply,
+            bytes: answer.bytes,
+        };
+        let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            job.reply.ioctl(0, &job.bytes);
+        }
+    }
+
+    /// Handles one ioctl; the answer is the struct to copy back.
+    pub fn ioctl(&self, caller: &Caller<'_>, command: u32, input: &[u8]) -> Result<Answer, Errno> {
         let size = match command {
             cmd::VERSION => cmd::VERSION_SIZE,
             cmd::LOAD => cmd::LOAD_SIZE,
@@ -165,9 +219,10 @@ impl Offload {
             return Err(bad());
         }
         let mut b = input.to_vec();
+        let mut written = Vec::new();
         if command == cmd::VERSION {
             b.put_u32(off::VERSION, abi::ABI_VERSION);
-            return Ok(b);
+            return Ok(Answer { bytes: b, written });
         }
         if b.u32_at(off::VERSION) != abi::ABI_VERSION {
             return Err(Errno::EPROTO);
@@ -181,10 +236,10 @@ impl Offload {
             cmd::LOG => self.log(caller, &mut b)?,
             cmd::UNLOAD => self.unload(caller, &b)?,
             cmd::LIST => self.list(&mut b)?,
-            cmd::RUN => self.run(caller, &mut b)?,
+            cmd::RUN => written = self.run(caller, &mut b)?,
             _ => self.more(caller, &mut b)?,
         }
-        Ok(b)
+        Ok(Answer { bytes: b, written })
     }
 
     fn expire(&self) {
@@ -371,7 +426,8 @@ impl Offload {
         }
     }
 
-    fn run(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<(), Errno> {
+    /// Runs a program; returns the file ranges it wrote.
+    fn run(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<Vec<std::ops::Range<u64>>, Errno> {
         let flags = b.u32_at(off::FLAGS);
         if flags & !abi::RUN_WRITE != 0 {
             return Err(bad());
@@ -433,15 +489,6 @@ impl Offload {
         stats.runs += 1;
         match outcome {
             Ok(out) => {
-                if let Some(n) = self.notifier.get() {
-                    for w in &out.written {
-                        let _ = n.inval_inode(
-                            INodeNo(caller.ino.0),
-                            w.start as i64,
-                            (w.end - w.start) as i64,
-                        );
-                    }
-                }
                 stats.hops += out.costs.hops;
                 stats.device_bytes += out.costs.device_bytes;
                 stats.insns += out.costs.insns;
@@ -463,6 +510,7 @@ impl Offload {
                     )?;
                     b.put_u64(off::run::MORE, token);
                 }
+                Ok(out.written)
             }
             Err(e) => {
                 stats.failures += 1;
@@ -471,9 +519,9 @@ impl Offload {
                 tracing::debug!(error = %e, "run failed");
                 b.put_i32(off::run::STATUS, -errno);
                 b.put_u32(off::run::RUN_ERROR, kind);
+                Ok(Vec::new())
             }
         }
-        Ok(())
     }
 
     fn take_slot(&self, uid: u32) -> Result<RunSlot<'_>, Errno> {

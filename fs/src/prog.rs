@@ -211,6 +211,8 @@ pub struct RunArgs<'a> {
     pub arg: Vec<u8>,
     pub write: bool,
     pub out: OutFormat,
+    /// Runs the program this many times, printing the last run.
+    pub repeat: u32,
 }
 
 /// `nearfs run`: prints the output on stdout, the result and costs on stderr.
@@ -228,7 +230,13 @@ pub fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         .range(a.range.0, a.range.1)
         .arg(&a.arg)
         .write(a.write);
-    let result = nearfs_client::run(&f, &req);
+    let mut result = nearfs_client::run(&f, &req);
+    for _ in 1..a.repeat {
+        if result.is_err() {
+            break;
+        }
+        result = nearfs_client::run(&f, &req);
+    }
     if loaded_here {
         let _ = nearfs_client::unload(&f, prog);
     }

@@ -1,0 +1,182 @@
+//! File layouts of the appcode examples in `bpf-progs/`, for applications that use them:
+//! builders for the data, and the same computations done with ordinary reads (what an
+//! application does without offload, and what tests and benchmarks compare against).
+
+use std::io;
+
+/// `btree.c`: a B+-tree of 4096-byte nodes, root at offset 0.
+pub mod btree {
+    use super::*;
+
+    pub const NODE: usize = 4096;
+    pub const FANOUT: usize = 255;
+    const KEYS: usize = 16;
+    const VALS: usize = 16 + 8 * FANOUT;
+
+    fn node(leaf: bool, entries: &[(u64, u64)]) -> Vec<u8> {
+        let mut n = vec![0u8; NODE];
+        n[0..8].copy_from_slice(&u64::from(leaf).to_le_bytes());
+        n[8..16].copy_from_slice(&(entries.len() as u64).to_le_bytes());
+        for (i, (k, v)) in entries.iter().enumerate() {
+            n[KEYS + 8 * i..KEYS + 8 * i + 8].copy_from_slice(&k.to_le_bytes());
+            n[VALS + 8 * i..VALS + 8 * i + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        n
+    }
+
+    /// The tree over `pairs` (sorted by key, keys distinct), filled to `fill` entries per
+    /// node (at most 255), and its depth.
+    pub fn build(pairs: &[(u64, u64)], fill: usize) -> (Vec<u8>, usize) {
+        let fill = fill.clamp(2, FANOUT);
+        // Nodes are made leaves first; child offsets are fixed once the order is known.
+        let mut nodes: Vec<(bool, Vec<(u64, u64)>)> = Vec::new();
+        let mut level: Vec<(u64, usize)> = Vec::new();
+        for chunk in pairs.chunks(fill) {
+            nodes.push((true, chunk.to_vec()));
+            level.push((chunk[0].0, nodes.len() - 1));
+        }
+        if level.is_empty() {
+            nodes.push((true, Vec::new()));
+            level.push((0, 0));
+        }
+        let mut depth = 1;
+        while level.len() > 1 {
+            let mut up = Vec::new();
+            for chunk in level.chunks(fill) {
+                let entries = chunk.iter().map(|&(k, i)| (k, i as u64)).collect();
+                nodes.push((false, entries));
+                up.push((chunk[0].0, nodes.len() - 1));
+            }
+            level = up;
+            depth += 1;
+        }
+        // The root goes first, the rest follow in the order they were made.
+        let root = level[0].1;
+        let order: Vec<usize> = std::iter::once(root)
+            .chain((0..nodes.len()).filter(|&i| i != root))
+            .collect();
+        let mut place = vec![0u64; nodes.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            place[i] = (pos * NODE) as u64;
+        }
+        let mut file = Vec::with_capacity(nodes.len() * NODE);
+        for &i in &order {
+            let (leaf, entries) = &nodes[i];
+            let entries: Vec<(u64, u64)> = if *leaf {
+                entries.clone()
+            } else {
+                entries
+                    .iter()
+                    .map(|&(k, c)| (k, place[c as usize]))
+                    .collect()
+            };
+            file.extend(node(*leaf, &entries));
+        }
+        (file, depth)
+    }
+
+    /// The lookup `btree.c` does, with one `read_at` per level; `None` if absent.
+    pub fn lookup(
+        mut read_at: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+        key: u64,
+    ) -> io::Result<Option<u64>> {
+        let mut n = vec![0u8; NODE];
+        let mut at = 0;
+        for _ in 0..64 {
+            read_at(&mut n, at)?;
+            let word = |o: usize| u64::from_le_bytes(n[o..o + 8].try_into().unwrap());
+            let (leaf, count) = (word(0) != 0, word(8) as usize);
+            if count > FANOUT {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "not a node"));
+            }
+            let below = (0..count)
+                .take_while(|&i| word(KEYS + 8 * i) <= key)
+                .count();
+            if below == 0 {
+                return Ok(None);
+            }
+            let (k, v) = (word(KEYS + 8 * (below - 1)), word(VALS + 8 * (below - 1)));
+            if leaf {
+                return Ok((k == key).then_some(v));
+            }
+            at = v;
+        }
+        Err(io::Error::new(io::ErrorKind::InvalidData, "tree too deep"))
+    }
+}
+
+/// `filter.c`: 16-byte records `{u64 key; u64 value;}`.
+pub mod records {
+    pub const SIZE: usize = 16;
+
+    pub fn encode(records: &[(u64, u64)]) -> Vec<u8> {
+        records
+            .iter()
+            .flat_map(|&(k, v)| [k.to_le_bytes(), v.to_le_bytes()])
+            .flatten()
+            .collect()
+    }
+
+    /// `[count, sum, min, max]` of the values in `[lo, hi]`, as `filter.c` emits it
+    /// (min is `u64::MAX` and max 0 when nothing matches).
+    pub fn aggregate(bytes: &[u8], lo: u64, hi: u64) -> [u64; 4] {
+        let mut a = [0, 0, u64::MAX, 0];
+        for r in bytes.chunks_exact(SIZE) {
+            let v = u64::from_le_bytes(r[8..16].try_into().unwrap());
+            if (lo..=hi).contains(&v) {
+                a[0] += 1;
+                a[1] = a[1].wrapping_add(v);
+                a[2] = a[2].min(v);
+                a[3] = a[3].max(v);
+            }
+        }
+        a
+    }
+
+    /// The argument of `filter.c`.
+    pub fn arg(lo: u64, hi: u64) -> Vec<u8> {
+        [lo.to_le_bytes(), hi.to_le_bytes()].concat()
+    }
+}
+
+/// `kv_increment.c`: 64-byte records `{u8 key[56]; u64 counter;}`.
+pub mod kv {
+    pub const SIZE: usize = 64;
+    pub const KEY: usize = 56;
+
+    pub fn record(key: &[u8; KEY], counter: u64) -> Vec<u8> {
+        [&key[..], &counter.to_le_bytes()].concat()
+    }
+
+    /// The argument of `kv_increment.c`: the slot and the key expected there.
+    pub fn arg(slot: u64, key: &[u8; KEY]) -> Vec<u8> {
+        [&slot.to_le_bytes()[..], &key[..]].concat()
+    }
+
+    pub fn counter(record: &[u8]) -> u64 {
+        u64::from_le_bytes(record[KEY..SIZE].try_into().unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn btree_lookups_by_reads_find_every_key() {
+        let pairs: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 3 + 1, i)).collect();
+        for fill in [2, 7, 255] {
+            let (file, depth) = btree::build(&pairs, fill);
+            assert!(depth >= 1);
+            let read = |buf: &mut [u8], at: u64| {
+                buf.copy_from_slice(&file[at as usize..at as usize + buf.len()]);
+                Ok(())
+            };
+            for &(k, v) in pairs.iter().step_by(97) {
+                assert_eq!(btree::lookup(read, k).unwrap(), Some(v));
+                assert_eq!(btree::lookup(read, k + 1).unwrap(), None);
+            }
+            assert_eq!(btree::lookup(read, 0).unwrap(), None);
+        }
+    }
+}
