@@ -898,3 +898,41 @@ NEARFS_PROG("write_then_fail") long write_then_fail(struct nearfs_ctx *ctx)
     // Nothing else changed: the filesystem is clean.
     drop(dir);
 }
+
+#[test]
+fn the_c_example_application_looks_up_keys_with_one_ioctl() {
+    let t = TestFs::new("64M", "");
+    let pairs: Vec<(u64, u64)> = (0..5_000u64).map(|i| (i * 13, i + 1_000)).collect();
+    let (tree, depth) = btree::build(&pairs, 64);
+    fs::write(t.path("tree.db"), &tree).unwrap();
+    let app = t.dir.path().join("lookup");
+    assert_ok(
+        &Command::new("clang")
+            .args(["-O2", "-Wall", "-Werror", "-I"])
+            .arg(progs_dir().join("include"))
+            .arg(progs_dir().join("app/lookup.c"))
+            .arg("-o")
+            .arg(&app)
+            .output()
+            .unwrap(),
+    );
+    let object = example(&t, "btree");
+    for (key, want) in [(13 * 4321, "5321\n"), (14, "absent\n")] {
+        let out = Command::new(&app)
+            .arg(t.path("tree.db"))
+            .arg(&object)
+            .arg(key.to_string())
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        let costs = format!("hops={} device_bytes={}", depth - 1, depth * btree::NODE);
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&costs));
+    }
+    // It unloaded its program.
+    assert!(
+        nearfs_client::list(&File::open(&t.mnt).unwrap())
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -11,6 +11,7 @@
 typedef unsigned char __u8;
 typedef unsigned short __u16;
 typedef unsigned int __u32;
+typedef signed int __s32;
 typedef unsigned long long __u64;
 typedef signed long long __s64;
 
@@ -70,5 +71,116 @@ static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)
 #define NEARFS_ENOSPC 28
 #define NEARFS_EIO 5
 #define NEARFS_EINVAL 22
+
+/* ---- For applications: the offload ioctls (nearfs_client::abi in Rust). ----
+ * Every struct is fixed-size and little-endian, starts with {version, flags}, and is
+ * passed whole: ioctl(fd, NEARFS_IOC_RUN, &run). Errors that carry no data are the
+ * ioctl's errno (ENOENT: no such program, EBADF: the handle's mode, EPERM/EACCES:
+ * policy or permissions, EPROTO: another ABI version, EOVERFLOW: a range that wraps,
+ * EISDIR: a run on a directory, EAGAIN: too many runs of this user). A rejected load
+ * and a failed run complete the ioctl and say so in `status`. */
+#define NEARFS_ABI_VERSION 1
+#define NEARFS_LOAD_CHUNK 8192
+#define NEARFS_LOG_CHUNK 8192
+#define NEARFS_OUT_CHUNK 8192
+#define NEARFS_LIST_ENTRIES 32
+#define NEARFS_NAME_SIZE 64
+#define NEARFS_RANGE_TO_END (~0ULL)
+#define NEARFS_LOAD_LAST 1 /* nearfs_load.flags: the final chunk */
+#define NEARFS_RUN_WRITE 1 /* nearfs_run.flags: the program may write the file */
+
+/* nearfs_run.run_error: what ended a failed run. */
+#define NEARFS_RUN_E_INSNS 1
+#define NEARFS_RUN_E_HOPS 2
+#define NEARFS_RUN_E_DEVICE_BYTES 3
+#define NEARFS_RUN_E_OUTPUT_BYTES 4
+#define NEARFS_RUN_E_TIMEOUT 5
+#define NEARFS_RUN_E_OUT_OF_RANGE 6
+#define NEARFS_RUN_E_IO 7
+#define NEARFS_RUN_E_FAULT 8
+#define NEARFS_RUN_E_ARG 9
+
+struct nearfs_version {
+    __u32 version; /* out: the daemon's NEARFS_ABI_VERSION (any version may ask) */
+    __u32 flags;
+};
+
+struct nearfs_load {
+    __u32 version, flags;
+    __u64 session; /* in: 0 for the first chunk, then the value returned */
+    __u64 offset;  /* in: where this chunk goes in the object */
+    __u32 len;     /* in: bytes of data used */
+    __s32 status;  /* out: 0, or -errno (-EINVAL: rejected; fetch the log) */
+    __u64 prog_id; /* out: after the last chunk */
+    __u32 log_len; /* out: bytes of verifier log (NEARFS_IOC_LOG with this session) */
+    __u32 pad;
+    char name[NEARFS_NAME_SIZE]; /* in: NAME of section nearfs/NAME, or "" for the only one */
+    __u8 data[NEARFS_LOAD_CHUNK];
+};
+
+struct nearfs_log {
+    __u32 version, flags;
+    __u64 session; /* in: the rejected load's session */
+    __u64 offset;  /* in */
+    __u32 len;     /* out: bytes in text */
+    __u32 total;   /* out: bytes of the whole log */
+    char text[NEARFS_LOG_CHUNK];
+};
+
+struct nearfs_unload {
+    __u32 version, flags;
+    __u64 prog_id;
+};
+
+struct nearfs_prog_info {
+    __u64 id;
+    __u32 owner;     /* uid of the loader */
+    __u32 insns;
+    __u64 max_insns; /* verified worst case per invocation */
+    char name[NEARFS_NAME_SIZE];
+};
+
+struct nearfs_list {
+    __u32 version, flags;
+    __u64 cursor; /* in: 0, then next */
+    __u64 next;   /* out: 0 at the end */
+    __u32 count;  /* out: entries filled */
+    __u32 pad;
+    struct nearfs_prog_info entries[NEARFS_LIST_ENTRIES];
+};
+
+struct nearfs_run {
+    __u32 version, flags;
+    __u64 prog_id;
+    __u64 range_off, range_len; /* the file bytes the program may use */
+    __u32 arg_len;
+    __u32 out_len;      /* out: bytes in out */
+    __s32 status;       /* out: 0, or -errno of a failed run (nothing written) */
+    __u32 run_error;    /* out: NEARFS_RUN_E_* */
+    __u64 result;       /* out: r0 */
+    __u64 insns, hops, device_bytes, output_bytes; /* out: costs */
+    __u64 more;         /* out: token for NEARFS_IOC_MORE, 0 if out holds everything */
+    __u8 arg[NEARFS_ARG_SIZE];
+    __u8 out[NEARFS_OUT_CHUNK];
+};
+
+struct nearfs_more {
+    __u32 version, flags;
+    __u64 token; /* in */
+    __u32 len;   /* out: bytes in out */
+    __u32 left;  /* out: bytes still waiting */
+    __u8 out[NEARFS_OUT_CHUNK];
+};
+
+#ifndef __bpf__
+#include <linux/ioctl.h>
+#define NEARFS_IOC_VERSION _IOWR('N', 1, struct nearfs_version)
+#define NEARFS_IOC_LOAD _IOWR('N', 2, struct nearfs_load)
+#define NEARFS_IOC_LOG _IOWR('N', 3, struct nearfs_log)
+#define NEARFS_IOC_UNLOAD _IOWR('N', 4, struct nearfs_unload)
+#define NEARFS_IOC_LIST _IOWR('N', 5, struct nearfs_list)
+#define NEARFS_IOC_RUN _IOWR('N', 6, struct nearfs_run)
+#define NEARFS_IOC_MORE _IOWR('N', 7, struct nearfs_more)
+#endif
 
 #endif

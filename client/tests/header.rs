@@ -1,0 +1,131 @@
+//! `bpf-progs/include/nearfs.h` declares the same ioctl structs as `nearfs_client::abi`:
+//! a C program prints the header's offsets, sizes and command numbers, which must match.
+
+use std::path::Path;
+use std::process::Command;
+
+use nearfs_client::abi::{cmd, off};
+
+const PRINT: &str = r#"
+#include <stddef.h>
+#include <stdio.h>
+#include "nearfs.h"
+#define O(s, f) printf(#s "." #f " %zu\n", offsetof(struct s, f));
+#define S(s) printf(#s " %zu\n", sizeof(struct s));
+#define C(c) printf(#c " %lu\n", (unsigned long)(c));
+int main(void)
+{
+    O(nearfs_load, session) O(nearfs_load, offset) O(nearfs_load, len) O(nearfs_load, status)
+    O(nearfs_load, prog_id) O(nearfs_load, log_len) O(nearfs_load, name) O(nearfs_load, data)
+    O(nearfs_log, session) O(nearfs_log, offset) O(nearfs_log, len) O(nearfs_log, total)
+    O(nearfs_log, text) O(nearfs_unload, prog_id) O(nearfs_list, cursor) O(nearfs_list, next)
+    O(nearfs_list, count) O(nearfs_list, entries) O(nearfs_prog_info, owner)
+    O(nearfs_prog_info, insns) O(nearfs_prog_info, max_insns) O(nearfs_prog_info, name)
+    O(nearfs_run, prog_id) O(nearfs_run, range_off) O(nearfs_run, range_len)
+    O(nearfs_run, arg_len) O(nearfs_run, out_len) O(nearfs_run, status) O(nearfs_run, run_error)
+    O(nearfs_run, result) O(nearfs_run, insns) O(nearfs_run, hops) O(nearfs_run, device_bytes)
+    O(nearfs_run, output_bytes) O(nearfs_run, more) O(nearfs_run, arg) O(nearfs_run, out)
+    O(nearfs_more, token) O(nearfs_more, len) O(nearfs_more, left) O(nearfs_more, out)
+    S(nearfs_version) S(nearfs_load) S(nearfs_log) S(nearfs_unload) S(nearfs_list)
+    S(nearfs_prog_info) S(nearfs_run) S(nearfs_more)
+    C(NEARFS_IOC_VERSION) C(NEARFS_IOC_LOAD) C(NEARFS_IOC_LOG) C(NEARFS_IOC_UNLOAD)
+    C(NEARFS_IOC_LIST) C(NEARFS_IOC_RUN) C(NEARFS_IOC_MORE) C(NEARFS_ABI_VERSION)
+    return 0;
+}
+"#;
+
+#[test]
+fn the_c_header_declares_the_same_structs() {
+    let dir = std::env::temp_dir().join(format!("nearfs-header-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, exe) = (dir.join("h.c"), dir.join("h"));
+    std::fs::write(&src, PRINT).unwrap();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bpf-progs/include");
+    let out = Command::new("clang")
+        .arg("-I")
+        .arg(include)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("clang");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let e = off::list::ENTRIES;
+    let want: Vec<(&str, u64)> = vec![
+        ("nearfs_load.session", off::load::SESSION as u64),
+        ("nearfs_load.offset", off::load::OFFSET as u64),
+        ("nearfs_load.len", off::load::LEN as u64),
+        ("nearfs_load.status", off::load::STATUS as u64),
+        ("nearfs_load.prog_id", off::load::PROG_ID as u64),
+        ("nearfs_load.log_len", off::load::LOG_LEN as u64),
+        ("nearfs_load.name", off::load::NAME as u64),
+        ("nearfs_load.data", off::load::DATA as u64),
+        ("nearfs_log.session", off::log::SESSION as u64),
+        ("nearfs_log.offset", off::log::OFFSET as u64),
+        ("nearfs_log.len", off::log::LEN as u64),
+        ("nearfs_log.total", off::log::TOTAL as u64),
+        ("nearfs_log.text", off::log::TEXT as u64),
+        ("nearfs_unload.prog_id", off::unload::PROG_ID as u64),
+        ("nearfs_list.cursor", off::list::CURSOR as u64),
+        ("nearfs_list.next", off::list::NEXT as u64),
+        ("nearfs_list.count", off::list::COUNT as u64),
+        ("nearfs_list.entries", e as u64),
+        ("nearfs_prog_info.owner", off::list::E_OWNER as u64),
+        ("nearfs_prog_info.insns", off::list::E_INSNS as u64),
+        ("nearfs_prog_info.max_insns", off::list::E_MAX_INSNS as u64),
+        ("nearfs_prog_info.name", off::list::E_NAME as u64),
+        ("nearfs_run.prog_id", off::run::PROG_ID as u64),
+        ("nearfs_run.range_off", off::run::RANGE_OFF as u64),
+        ("nearfs_run.range_len", off::run::RANGE_LEN as u64),
+        ("nearfs_run.arg_len", off::run::ARG_LEN as u64),
+        ("nearfs_run.out_len", off::run::OUT_LEN as u64),
+        ("nearfs_run.status", off::run::STATUS as u64),
+        ("nearfs_run.run_error", off::run::RUN_ERROR as u64),
+        ("nearfs_run.result", off::run::RESULT as u64),
+        ("nearfs_run.insns", off::run::INSNS as u64),
+        ("nearfs_run.hops", off::run::HOPS as u64),
+        ("nearfs_run.device_bytes", off::run::DEVICE_BYTES as u64),
+        ("nearfs_run.output_bytes", off::run::OUTPUT_BYTES as u64),
+        ("nearfs_run.more", off::run::MORE as u64),
+        ("nearfs_run.arg", off::run::ARG as u64),
+        ("nearfs_run.out", off::run::OUT as u64),
+        ("nearfs_more.token", off::more::TOKEN as u64),
+        ("nearfs_more.len", off::more::LEN as u64),
+        ("nearfs_more.left", off::more::LEFT as u64),
+        ("nearfs_more.out", off::more::OUT as u64),
+        ("nearfs_version", cmd::VERSION_SIZE as u64),
+        ("nearfs_load", cmd::LOAD_SIZE as u64),
+        ("nearfs_log", cmd::LOG_SIZE as u64),
+        ("nearfs_unload", cmd::UNLOAD_SIZE as u64),
+        ("nearfs_list", cmd::LIST_SIZE as u64),
+        ("nearfs_prog_info", cmd::LIST_ENTRY_SIZE as u64),
+        ("nearfs_run", cmd::RUN_SIZE as u64),
+        ("nearfs_more", cmd::MORE_SIZE as u64),
+        ("NEARFS_IOC_VERSION", u64::from(cmd::VERSION)),
+        ("NEARFS_IOC_LOAD", u64::from(cmd::LOAD)),
+        ("NEARFS_IOC_LOG", u64::from(cmd::LOG)),
+        ("NEARFS_IOC_UNLOAD", u64::from(cmd::UNLOAD)),
+        ("NEARFS_IOC_LIST", u64::from(cmd::LIST)),
+        ("NEARFS_IOC_RUN", u64::from(cmd::RUN)),
+        ("NEARFS_IOC_MORE", u64::from(cmd::MORE)),
+        (
+            "NEARFS_ABI_VERSION",
+            u64::from(nearfs_client::abi::ABI_VERSION),
+        ),
+    ];
+    let got: Vec<(String, u64)> = printed
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let want: Vec<(String, u64)> = want.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_eq!(got, want);
+}
