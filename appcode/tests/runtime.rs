@@ -340,3 +340,52 @@ fn the_window_shows_nothing_outside_the_runs_range() {
         assert_eq!(out.costs.device_bytes, 1000);
     }
 }
+
+#[test]
+fn btree_range_returns_what_walking_the_leaves_with_reads_does() {
+    let mut rng = Rng(17);
+    let mut pairs: Vec<(u64, u64)> = (0..20_000)
+        .map(|_| (rng.below(1 << 30), rng.next()))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup_by_key(|p| p.0);
+    let (bytes, _) = btree::build(&pairs, 100);
+    let file = TestFile::new(&bytes);
+    let read = |buf: &mut [u8], at: u64| {
+        buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+        Ok(())
+    };
+    for mode in MODES {
+        let p = load("btree_range.c", "btree_range", mode);
+        for (lo, hi) in [
+            (0, 1 << 20),
+            (1 << 29, (1 << 29) + (1 << 24)),
+            (5, 4),
+            (1 << 31, u64::MAX),
+        ] {
+            let want = btree::range(read, lo, hi).unwrap();
+            let arg = [lo.to_le_bytes(), hi.to_le_bytes()].concat();
+            let out = p
+                .run(
+                    file.world(false),
+                    &Request {
+                        arg: &arg,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            let got: Vec<(u64, u64)> = out
+                .output
+                .chunks(16)
+                .map(|c| {
+                    (
+                        u64::from_le_bytes(c[..8].try_into().unwrap()),
+                        u64::from_le_bytes(c[8..].try_into().unwrap()),
+                    )
+                })
+                .collect();
+            assert_eq!(out.result, want.len() as u64, "{mode:?} [{lo}, {hi}]");
+            assert_eq!(got, want, "{mode:?} [{lo}, {hi}]");
+        }
+    }
+}

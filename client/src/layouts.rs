@@ -4,7 +4,9 @@
 
 use std::io;
 
-/// `btree.c`: a B+-tree of 4096-byte nodes, root at offset 0.
+/// `btree.c` and `btree_range.c`: a B+-tree of 4096-byte nodes, root at offset 0. A
+/// node is `{u64 leaf; u64 count; u64 keys[255]; u64 vals[255];}`; `leaf` is 0 for an
+/// inner node, and for a leaf 1 plus the file offset of the next leaf (0 for none).
 pub mod btree {
     use super::*;
 
@@ -13,9 +15,10 @@ pub mod btree {
     const KEYS: usize = 16;
     const VALS: usize = 16 + 8 * FANOUT;
 
-    fn node(leaf: bool, entries: &[(u64, u64)]) -> Vec<u8> {
+    /// `leaf`: 0 for an inner node, else 1 | next leaf's offset.
+    fn node(leaf: u64, entries: &[(u64, u64)]) -> Vec<u8> {
         let mut n = vec![0u8; NODE];
-        n[0..8].copy_from_slice(&u64::from(leaf).to_le_bytes());
+        n[0..8].copy_from_slice(&leaf.to_le_bytes());
         n[8..16].copy_from_slice(&(entries.len() as u64).to_le_bytes());
         for (i, (k, v)) in entries.iter().enumerate() {
             n[KEYS + 8 * i..KEYS + 8 * i + 8].copy_from_slice(&k.to_le_bytes());
@@ -59,20 +62,59 @@ pub mod btree {
         for (pos, &i) in order.iter().enumerate() {
             place[i] = (pos * NODE) as u64;
         }
+        // Leaves were made first, in key order: each links to the one made after it.
+        let leaves = nodes.iter().take_while(|(leaf, _)| *leaf).count();
         let mut file = Vec::with_capacity(nodes.len() * NODE);
         for &i in &order {
             let (leaf, entries) = &nodes[i];
-            let entries: Vec<(u64, u64)> = if *leaf {
-                entries.clone()
+            let (word, entries): (u64, Vec<(u64, u64)>) = if *leaf {
+                let next = if i + 1 < leaves { place[i + 1] } else { 0 };
+                (1 | next, entries.clone())
             } else {
-                entries
-                    .iter()
-                    .map(|&(k, c)| (k, place[c as usize]))
-                    .collect()
+                let children = entries.iter().map(|&(k, c)| (k, place[c as usize]));
+                (0, children.collect())
             };
-            file.extend(node(*leaf, &entries));
+            file.extend(node(word, &entries));
         }
         (file, depth)
+    }
+
+    /// The `(key, value)` pairs with `lo <= key <= hi`, as `btree_range.c` emits them:
+    /// down to the leaf where `lo` belongs, then along the leaves.
+    pub fn range(
+        mut read_at: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+        lo: u64,
+        hi: u64,
+    ) -> io::Result<Vec<(u64, u64)>> {
+        let mut n = vec![0u8; NODE];
+        let mut at = 0;
+        let mut out = Vec::new();
+        for _ in 0..1 << 20 {
+            read_at(&mut n, at)?;
+            let word = |o: usize| u64::from_le_bytes(n[o..o + 8].try_into().unwrap());
+            let (leaf, count) = (word(0), (word(8) as usize).min(FANOUT));
+            let key = |i: usize| word(KEYS + 8 * i);
+            let val = |i: usize| word(VALS + 8 * i);
+            if leaf == 0 {
+                let below = (0..count).take_while(|&i| key(i) <= lo).count();
+                at = val(below.saturating_sub(1));
+                continue;
+            }
+            for i in 0..count {
+                if (lo..=hi).contains(&key(i)) {
+                    out.push((key(i), val(i)));
+                }
+            }
+            let next = leaf & !1;
+            if count == 0 || key(count - 1) > hi || next == 0 {
+                return Ok(out);
+            }
+            at = next;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "leaf chain too long",
+        ))
     }
 
     /// The lookup `btree.c` does, with one `read_at` per level; `None` if absent.
@@ -177,6 +219,14 @@ mod tests {
                 assert_eq!(btree::lookup(read, k + 1).unwrap(), None);
             }
             assert_eq!(btree::lookup(read, 0).unwrap(), None);
+            let (lo, hi) = (1000, 5000);
+            let want: Vec<(u64, u64)> = pairs
+                .iter()
+                .copied()
+                .filter(|&(k, _)| (lo..=hi).contains(&k))
+                .collect();
+            assert_eq!(btree::range(read, lo, hi).unwrap(), want);
+            assert_eq!(btree::range(read, 0, 0).unwrap(), vec![]);
         }
     }
 }

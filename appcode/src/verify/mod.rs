@@ -1186,8 +1186,12 @@ impl Explorer<'_> {
         }
     }
 
-    /// The link of register `r`, giving it a fresh id if it has none.
+    /// The link of register `r`, giving it a fresh id if it has none. r10 never changes,
+    /// so it needs none.
     fn link_of(&mut self, state: &mut State, r: u8) -> Link {
+        if r as usize == FP {
+            return Link::NONE;
+        }
         if state.links[r as usize].id == 0 {
             self.next_id += 1;
             state.links[r as usize] = Link {
@@ -1355,7 +1359,24 @@ impl Explorer<'_> {
                         stack_store(state, lo, hi, size, exact, v, link)?;
                         Ok((v, Link::NONE))
                     }
-                    None => stack_load(state, lo, hi, size, exact),
+                    None => {
+                        let (v, link) = stack_load(state, lo, hi, size, exact)?;
+                        let (k, _) = State::locate(lo);
+                        match state.slot(k) {
+                            // A fill: the register and the slot stay linked, so a test on
+                            // the register narrows the saved copy too.
+                            Slot::Spill(w, l) if l.id == 0 && exact && size == 8 && lo % 8 == 0 => {
+                                self.next_id += 1;
+                                let link = Link {
+                                    id: self.next_id,
+                                    delta: 0,
+                                };
+                                state.set_slot(k, Slot::Spill(w, link));
+                                Ok((v, link))
+                            }
+                            _ => Ok((v, link)),
+                        }
+                    }
                 }
             }
             _ if store.is_some() && region != Region::Scratch => Err(Reason::ReadOnly { region }),
