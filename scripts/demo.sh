@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: mkfs a sparse image file, mount it, write and read
-# back files, show where their extents are, unmount, and check the image.
+# back files, show where their extents are, run appcode next to the data (lookups and a
+# filter, against ordinary reads), unmount, and check the image.
 set -euo pipefail
 NEARFS=${1:-nearfs}
 work=${NEARFS_DEMO_DIR:-$(mktemp -d /tmp/nearfs-demo.XXXXXX)}
@@ -23,6 +24,8 @@ step cat "$mnt/hello.txt"
 step ls -l "$mnt" "$mnt/docs"
 step getfattr -d -m - "$mnt/data.bin" "$mnt/hello.txt"
 step getfattr -n user.nearfs.fs "$mnt"
+step "$NEARFS" demo "$mnt"
+step getfattr -n user.nearfs.stats "$mnt/demo-tree.db"
 sum=$(sha256sum < "$mnt/data.bin")
 step umount "$mnt"
 step "$NEARFS" fsck "$image"

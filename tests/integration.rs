@@ -936,3 +936,20 @@ fn the_c_example_application_looks_up_keys_with_one_ioctl() {
             .is_empty()
     );
 }
+
+#[test]
+fn the_demo_runs_lookups_and_a_filter_both_ways() {
+    let t = TestFs::new("256M", "");
+    let out = nearfs(&["demo", t.mnt.to_str().unwrap()]);
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("lookups, same answers every way"), "{text}");
+    assert!(text.contains("same answer both ways"), "{text}");
+    let stats =
+        String::from_utf8(getxattr(&t.path("demo-tree.db"), "user.nearfs.stats").unwrap()).unwrap();
+    assert!(stats.starts_with("runs=2000 failures=0"), "{stats}");
+    // Not a nearfs directory: a clear error.
+    let out = nearfs(&["demo", t.dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not on a nearfs mount"));
+}

@@ -389,3 +389,62 @@ fn btree_range_returns_what_walking_the_leaves_with_reads_does() {
         }
     }
 }
+
+#[test]
+fn minmax_reads_only_blocks_that_can_match() {
+    use nearfs_client::layouts::minmax;
+    let mut rng = Rng(23);
+    // 600 blocks (an index of three windows) of values clustered by block, as a time series.
+    let blocks: Vec<Vec<u64>> = (0..600u64)
+        .map(|j| {
+            (0..300 + j % 200)
+                .map(|_| j * 1000 + rng.below(1000))
+                .collect()
+        })
+        .collect();
+    let bytes = minmax::build(&blocks);
+    let file = TestFile::new(&bytes);
+    let read = |buf: &mut [u8], at: u64| {
+        buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
+        Ok(())
+    };
+    for mode in MODES {
+        let p = load("minmax.c", "minmax", mode);
+        for (lo, hi) in [
+            (250_500, 260_200),
+            (0, u64::MAX),
+            (10_000_000, 20_000_000),
+            (599_999, 599_999),
+        ] {
+            let want = minmax::aggregate(read, lo, hi).unwrap();
+            let arg = [lo.to_le_bytes(), hi.to_le_bytes()].concat();
+            let out = p
+                .run(
+                    file.world(false),
+                    &Request {
+                        arg: &arg,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(out.output, u64s(&want), "{mode:?} [{lo}, {hi}]");
+            // Index windows plus the blocks that may match, nothing else.
+            let index_windows = (601 * 16usize).div_ceil(4096) as u64;
+            assert!(out.costs.device_bytes <= (index_windows + 2 * want[2]) * 4096);
+        }
+        let narrow = [250_500u64.to_le_bytes(), 260_200u64.to_le_bytes()].concat();
+        let out = p
+            .run(
+                file.world(false),
+                &Request {
+                    arg: &narrow,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(
+            out.costs.device_bytes < bytes.len() as u64 / 20,
+            "pruning skipped most blocks"
+        );
+    }
+}

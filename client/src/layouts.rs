@@ -200,6 +200,72 @@ pub mod kv {
     }
 }
 
+/// `minmax.c`: data blocks with a min/max index in front.
+pub mod minmax {
+    use super::*;
+
+    pub const BLOCK: usize = 4096;
+    pub const VALUES: usize = 511;
+
+    /// The file for `blocks` (each at most 511 values).
+    pub fn build(blocks: &[Vec<u64>]) -> Vec<u8> {
+        let entries = blocks.len() + 1;
+        let data_off = (entries * 16).div_ceil(BLOCK) * BLOCK;
+        let mut file = vec![0u8; data_off + blocks.len() * BLOCK];
+        let put =
+            |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        put(&mut file, 0, blocks.len() as u64);
+        put(&mut file, 8, data_off as u64);
+        for (j, values) in blocks.iter().enumerate() {
+            assert!(values.len() <= VALUES);
+            let min = values.iter().copied().min().unwrap_or(u64::MAX);
+            let max = values.iter().copied().max().unwrap_or(0);
+            put(&mut file, 16 * (j + 1), min);
+            put(&mut file, 16 * (j + 1) + 8, max);
+            let b = data_off + j * BLOCK;
+            put(&mut file, b, values.len() as u64);
+            for (i, v) in values.iter().enumerate() {
+                put(&mut file, b + 8 + 8 * i, *v);
+            }
+        }
+        file
+    }
+
+    /// `[count, sum, blocks_read]` as `minmax.c` emits it, with ordinary reads: the
+    /// index, then only the blocks that may match.
+    pub fn aggregate(
+        mut read_at: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+        lo: u64,
+        hi: u64,
+    ) -> io::Result<[u64; 3]> {
+        let word = |b: &[u8], i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap());
+        let mut head = [0u8; 16];
+        read_at(&mut head, 0)?;
+        let (nblocks, data_off) = (word(&head, 0), word(&head, 1));
+        let mut index = vec![0u8; 16 * nblocks as usize];
+        read_at(&mut index, 16)?;
+        let mut out = [0u64; 3];
+        let mut block = vec![0u8; BLOCK];
+        for j in 0..nblocks as usize {
+            let (min, max) = (word(&index, 2 * j), word(&index, 2 * j + 1));
+            if max < lo || min > hi {
+                continue;
+            }
+            read_at(&mut block, data_off + (j * BLOCK) as u64)?;
+            let n = (word(&block, 0) as usize).min(VALUES);
+            for i in 0..n {
+                let v = word(&block, 1 + i);
+                if (lo..=hi).contains(&v) {
+                    out[0] += 1;
+                    out[1] = out[1].wrapping_add(v);
+                }
+            }
+            out[2] += 1;
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod daemon;
+pub mod demo;
 pub mod errno;
 pub mod inspect;
 pub mod mount;

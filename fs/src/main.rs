@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nearfs::mount::{MountConfig, mount};
-use nearfs::{commands, prog};
+use nearfs::{commands, demo, prog};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +79,9 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
     },
+    /// Offload end to end on a mounted nearfs directory: lookups and a filter, run next
+    /// to the data and with ordinary reads, with what each cost.
+    Demo { dir: PathBuf },
     /// Work with appcode objects (clang -O2 -g -target bpf).
     Prog {
         #[command(subcommand)]
@@ -191,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ProgCommand::List { path } => prog::list(&path)?,
             ProgCommand::Unload { path, id } => prog::unload(&path, id)?,
         },
+        Command::Demo { dir } => demo::run(&dir)?,
         Command::Run {
             file,
             program,
