@@ -953,3 +953,115 @@ fn the_demo_runs_lookups_and_a_filter_both_ways() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not on a nearfs mount"));
 }
+
+#[test]
+fn range_search_and_pruning_examples_agree_with_reads_through_the_mount() {
+    use nearfs_client::layouts::minmax;
+    let t = TestFs::new("128M", "");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut pairs: Vec<(u64, u64)> = (0..40_000).map(|_| (next() % (1 << 32), next())).collect();
+    pairs.sort_unstable();
+    pairs.dedup_by_key(|p| p.0);
+    fs::write(t.path("tree.db"), btree::build(&pairs, 120).0).unwrap();
+    let sorted: Vec<u64> = pairs.iter().map(|p| p.0).collect();
+    fs::write(
+        t.path("sorted.u64"),
+        sorted
+            .iter()
+            .flat_map(|k| k.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let blocks: Vec<Vec<u64>> = (0..700u64)
+        .map(|j| (0..400).map(|_| j * 10_000 + next() % 10_000).collect())
+        .collect();
+    fs::write(t.path("series.mm"), minmax::build(&blocks)).unwrap();
+
+    let (range, search, prune) = (
+        load_example(&t, "btree_range"),
+        load_example(&t, "bsearch"),
+        load_example(&t, "minmax"),
+    );
+    let tree = File::open(t.path("tree.db")).unwrap();
+    for _ in 0..20 {
+        let lo = next() % (1 << 32);
+        let hi = lo + next() % (1 << 26);
+        let want = btree::range(|b, at| tree.read_exact_at(b, at), lo, hi).unwrap();
+        let out = nearfs_client::run(&tree, &Run::new(range).arg(&records::arg(lo, hi))).unwrap();
+        let got: Vec<(u64, u64)> = out
+            .output
+            .chunks(16)
+            .map(|c| {
+                (
+                    u64::from_le_bytes(c[..8].try_into().unwrap()),
+                    u64::from_le_bytes(c[8..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+    let arr = File::open(t.path("sorted.u64")).unwrap();
+    for i in (0..sorted.len()).step_by(997) {
+        let out =
+            nearfs_client::run(&arr, &Run::new(search).arg(&sorted[i].to_le_bytes())).unwrap();
+        assert_eq!(out.result, i as u64);
+    }
+    let absent =
+        nearfs_client::run(&arr, &Run::new(search).arg(&(sorted[5] + 1).to_le_bytes())).unwrap();
+    assert_eq!(absent.result as i64, -1);
+    let series = File::open(t.path("series.mm")).unwrap();
+    let (lo, hi) = (3_215_000, 3_240_000);
+    let want = minmax::aggregate(|b, at| series.read_exact_at(b, at), lo, hi).unwrap();
+    let out = nearfs_client::run(&series, &Run::new(prune).arg(&records::arg(lo, hi))).unwrap();
+    let got: Vec<u64> = out
+        .output
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        out.costs.device_bytes < 20 * 4096,
+        "read {} bytes",
+        out.costs.device_bytes
+    );
+}
+
+#[test]
+fn the_mount_can_turn_offload_off_or_read_only() {
+    let mut t = TestFs::new("64M", "offload=ro");
+    let key = [5u8; kv::KEY];
+    fs::write(t.path("c.kv"), kv::record(&key, 0)).unwrap();
+    let incr = load_example(&t, "kv_increment");
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(t.path("c.kv"))
+        .unwrap();
+    let e =
+        nearfs_client::run(&rw, &Run::new(incr).arg(&kv::arg(0, &key)).write(true)).unwrap_err();
+    assert_eq!(client_errno(&e), Some(libc::EROFS));
+    let read_run = nearfs_client::run(&rw, &Run::new(incr).arg(&kv::arg(0, &key))).unwrap();
+    assert_eq!(
+        read_run.result as i64,
+        -(libc::EPERM as i64),
+        "without write intent"
+    );
+    drop(rw);
+    t.unmount();
+    t.mount("offload=off");
+    let f = File::open(t.path("c.kv")).unwrap();
+    let object = fs::read(example(&t, "kv_increment")).unwrap();
+    let e = nearfs_client::load(&f, &object, None).unwrap_err();
+    assert_eq!(client_errno(&e), Some(libc::EOPNOTSUPP));
+    // The version query still answers, so a client can say what is going on.
+    assert_eq!(
+        nearfs_client::version(&f).unwrap(),
+        nearfs_client::abi::ABI_VERSION
+    );
+}
