@@ -1,22 +1,10 @@
 /* Point lookup in an on-disk B+-tree, one node per hop (the XRP / BPF-KV pattern: the
  * program names the next node, the runtime reads it).
  *
- * Layout (bpf-progs/README.md): 4096-byte nodes at 4096-aligned file offsets, the root
- * at offset 0. A node is { u64 leaf; u64 count; u64 keys[255]; u64 vals[255]; }, keys
- * ascending. In an inner node keys[i] is the smallest key under child i and vals[i] is
- * that child's file offset; in a leaf vals[i] is the value of keys[i].
+ * The node layout is in include/btree.h.
  *
  * arg: the key (u64). Returns its value, or -1 if it is absent. */
-#include "nearfs.h"
-
-#define FANOUT 255
-
-struct node {
-    __u64 leaf;
-    __u64 count;
-    __u64 keys[FANOUT];
-    __u64 vals[FANOUT];
-};
+#include "btree.h"
 
 NEARFS_PROG("btree_lookup") long btree_lookup(struct nearfs_ctx *ctx)
 {

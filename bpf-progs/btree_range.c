@@ -4,16 +4,7 @@
  * one node per hop; the count lives in scratch memory.
  *
  * arg: { u64 lo; u64 hi; }. Output: { u64 key; u64 value; } per match. */
-#include "nearfs.h"
-
-#define FANOUT 255
-
-struct node {
-    __u64 leaf;
-    __u64 count;
-    __u64 keys[FANOUT];
-    __u64 vals[FANOUT];
-};
+#include "btree.h"
 
 NEARFS_PROG("btree_range") long btree_range(struct nearfs_ctx *ctx)
 {

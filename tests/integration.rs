@@ -559,7 +559,7 @@ fn prog_verify_explains_rejections_and_disasm_assembles_back() {
 
 // ---- Offload: appcode run over a file's own extents through the ioctl. ----
 
-use nearfs_client::layouts::{btree, kv, records};
+use nearfs_client::layouts::{self, btree, kv, records};
 use nearfs_client::{ProgId, Run};
 use std::os::unix::fs::FileExt;
 
@@ -612,11 +612,7 @@ fn offload_runs_appcode_over_a_files_own_extents() {
     let out = nearfs_client::run(&f, &Run::new(filter).arg(&records::arg(lo, hi))).unwrap();
     let want = records::aggregate(&rec_bytes, lo, hi);
     assert_eq!(out.result, want[0]);
-    let got: Vec<u64> = out
-        .output
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let got = layouts::words(&out.output);
     assert_eq!(got, want);
     // Half of the file, by range.
     let half = rec_bytes.len() as u64 / 2;
@@ -994,16 +990,7 @@ fn range_search_and_pruning_examples_agree_with_reads_through_the_mount() {
         let hi = lo + next() % (1 << 26);
         let want = btree::range(|b, at| tree.read_exact_at(b, at), lo, hi).unwrap();
         let out = nearfs_client::run(&tree, &Run::new(range).arg(&records::arg(lo, hi))).unwrap();
-        let got: Vec<(u64, u64)> = out
-            .output
-            .chunks(16)
-            .map(|c| {
-                (
-                    u64::from_le_bytes(c[..8].try_into().unwrap()),
-                    u64::from_le_bytes(c[8..].try_into().unwrap()),
-                )
-            })
-            .collect();
+        let got = layouts::pairs(&out.output);
         assert_eq!(got, want);
     }
     let arr = File::open(t.path("sorted.u64")).unwrap();
@@ -1019,11 +1006,7 @@ fn range_search_and_pruning_examples_agree_with_reads_through_the_mount() {
     let (lo, hi) = (3_215_000, 3_240_000);
     let want = minmax::aggregate(|b, at| series.read_exact_at(b, at), lo, hi).unwrap();
     let out = nearfs_client::run(&series, &Run::new(prune).arg(&records::arg(lo, hi))).unwrap();
-    let got: Vec<u64> = out
-        .output
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let got = layouts::words(&out.output);
     assert_eq!(got, want);
     assert!(
         out.costs.device_bytes < 20 * 4096,

@@ -1,10 +1,11 @@
 //! Objects compiled by clang, loaded and linked by `appcode::elf`, then run on rbpf's
 //! interpreter after rewriting: the linked stream computes what the C says.
 
-use std::process::Command;
-
 use appcode::elf::{self, LoadError};
 use appcode::{insn, rewrite};
+use common::compile;
+
+mod common;
 
 const PROGRAM: &str = r#"
 static const unsigned long long table[4] = {3, 5, 7, 11};
@@ -17,26 +18,6 @@ __attribute__((section("nearfs/test"), used)) unsigned long long prog(void *ctx)
     return sq(4) + sq(5);
 }
 "#;
-
-/// Compiles C to a BPF object with `clang -O2 -g -target bpf -mcpu=CPU`.
-fn compile(src: &str, cpu: &str) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, o) = (dir.path().join("p.c"), dir.path().join("p.o"));
-    std::fs::write(&c, src).unwrap();
-    let out = Command::new("clang")
-        .args(["-O2", "-g", "-target", "bpf", &format!("-mcpu={cpu}"), "-c"])
-        .arg(&c)
-        .arg("-o")
-        .arg(&o)
-        .output()
-        .expect("clang is needed (scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "clang: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(o).unwrap()
-}
 
 #[test]
 fn clang_objects_link_calls_and_globals_and_compute_what_the_c_says() {

@@ -4,9 +4,21 @@ mod common;
 
 use appcode::{Mode, Program, Request};
 use common::{Rng, TestFile, compile_file, progs_dir};
-use nearfs_client::layouts::btree;
+use nearfs_client::layouts::{btree, kv};
 
 const MODES: [Mode; 2] = [Mode::Jit, Mode::Interpreter];
+
+/// Runs `p` over `world` with argument `arg` and default limits.
+fn run_with(p: &Program, world: appcode::World<'_>, arg: &[u8]) -> appcode::Outcome {
+    p.run(
+        world,
+        &Request {
+            arg,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.name()))
+}
 
 fn u64s(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -24,15 +36,7 @@ fn bytecount_counts_across_hops() {
     let file = TestFile::new(&data);
     for mode in [Mode::Jit, Mode::Interpreter] {
         let p = load("bytecount.c", "bytecount", mode);
-        let out = p
-            .run(
-                file.world(false),
-                &Request {
-                    arg: &[3],
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = run_with(&p, file.world(false), &[3]);
         assert_eq!(out.result, want, "{mode:?}");
         assert_eq!(out.costs.hops, 2);
         assert_eq!(out.costs.device_bytes, data.len() as u64);
@@ -78,15 +82,7 @@ fn bsearch_finds_present_keys_and_not_absent_ones() {
             } else {
                 (rng.below(1 << 40) * 2 + 1, -1)
             };
-            let out = p
-                .run(
-                    file.world(false),
-                    &Request {
-                        arg: &key.to_le_bytes(),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+            let out = run_with(&p, file.world(false), &key.to_le_bytes());
             assert_eq!(out.result as i64, want, "{mode:?} key {key}");
         }
     }
@@ -112,15 +108,7 @@ fn btree_lookups_agree_with_a_map_at_every_depth() {
                     let (k, v) = pairs[rng.below(pairs.len() as u64) as usize];
                     (k, v as i64)
                 };
-                let out = p
-                    .run(
-                        file.world(false),
-                        &Request {
-                            arg: &key.to_le_bytes(),
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
+                let out = run_with(&p, file.world(false), &key.to_le_bytes());
                 assert_eq!(out.result as i64, want, "{mode:?} n={n} key {key}");
                 if want >= 0 {
                     assert_eq!(out.costs.hops as usize, depth - 1);
@@ -154,15 +142,7 @@ fn filter_aggregates_what_a_loop_over_the_records_does() {
     ];
     for mode in MODES {
         let p = load("filter.c", "filter", mode);
-        let out = p
-            .run(
-                file.world(false),
-                &Request {
-                    arg: &u64s(&[lo, hi]),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = run_with(&p, file.world(false), &u64s(&[lo, hi]));
         assert_eq!(out.result, want[0], "{mode:?}");
         assert_eq!(out.output, u64s(&want), "{mode:?}");
     }
@@ -175,46 +155,20 @@ fn kv_increment_checks_the_key_and_writes_only_with_intent() {
         bytes[slot * 64..slot * 64 + 56].fill(slot as u8 + 1);
     }
     let file = TestFile::new(&bytes);
-    let request = |slot: u64, key: u8| {
-        let mut a = slot.to_le_bytes().to_vec();
-        a.extend([key; 56]);
-        a
-    };
+    let request = |slot: u64, key: u8| kv::arg(slot, &[key; kv::KEY]);
+    let mut counter = 0;
     for mode in MODES {
         let p = load("kv_increment.c", "kv_increment", mode);
         let arg = request(42, 43);
-        for round in 1..=3u64 {
-            let out = p
-                .run(
-                    file.world(true),
-                    &Request {
-                        arg: &arg,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+        for _ in 0..3 {
+            let out = run_with(&p, file.world(true), &arg);
+            counter += 1;
+            assert_eq!(out.result, counter, "{mode:?}");
             assert_eq!(out.written, vec![42 * 64 + 56..42 * 64 + 64]);
-            let _ = round;
         }
-        let wrong_key = p
-            .run(
-                file.world(true),
-                &Request {
-                    arg: &request(42, 7),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let wrong_key = run_with(&p, file.world(true), &request(42, 7));
         assert_eq!(wrong_key.result as i64, -2);
-        let read_only = p
-            .run(
-                file.world(false),
-                &Request {
-                    arg: &arg,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let read_only = run_with(&p, file.world(false), &arg);
         assert_eq!(read_only.result as i64, -1, "EPERM without write intent");
         assert!(read_only.written.is_empty());
     }
@@ -247,26 +201,10 @@ fn substr_emits_every_match_once_across_windows() {
     let file = TestFile::new(&bytes);
     for mode in MODES {
         let p = load("substr.c", "substr", mode);
-        let out = p
-            .run(
-                file.world(false),
-                &Request {
-                    arg: needle,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = run_with(&p, file.world(false), needle);
         assert_eq!(out.result, want.len() as u64);
         assert_eq!(out.output, u64s(&want), "{mode:?}");
-        let aab = p
-            .run(
-                file.world(false),
-                &Request {
-                    arg: b"ab",
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let aab = run_with(&p, file.world(false), b"ab");
         let count = bytes.windows(2).filter(|w| w == b"ab").count();
         assert_eq!(aab.result as usize, count);
     }
@@ -291,15 +229,7 @@ fn one_program_runs_concurrently_on_many_threads() {
                     let mut rng = Rng(100 + t);
                     for _ in 0..200 {
                         let (k, v) = pairs[rng.below(pairs.len() as u64) as usize];
-                        let out = p
-                            .run(
-                                file.world(false),
-                                &Request {
-                                    arg: &k.to_le_bytes(),
-                                    ..Default::default()
-                                },
-                            )
-                            .unwrap();
+                        let out = run_with(&p, file.world(false), &k.to_le_bytes());
                         assert_eq!(out.result, v);
                     }
                 });
@@ -365,25 +295,8 @@ fn btree_range_returns_what_walking_the_leaves_with_reads_does() {
         ] {
             let want = btree::range(read, lo, hi).unwrap();
             let arg = [lo.to_le_bytes(), hi.to_le_bytes()].concat();
-            let out = p
-                .run(
-                    file.world(false),
-                    &Request {
-                        arg: &arg,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-            let got: Vec<(u64, u64)> = out
-                .output
-                .chunks(16)
-                .map(|c| {
-                    (
-                        u64::from_le_bytes(c[..8].try_into().unwrap()),
-                        u64::from_le_bytes(c[8..].try_into().unwrap()),
-                    )
-                })
-                .collect();
+            let out = run_with(&p, file.world(false), &arg);
+            let got = nearfs_client::layouts::pairs(&out.output);
             assert_eq!(out.result, want.len() as u64, "{mode:?} [{lo}, {hi}]");
             assert_eq!(got, want, "{mode:?} [{lo}, {hi}]");
         }
@@ -418,30 +331,14 @@ fn minmax_reads_only_blocks_that_can_match() {
         ] {
             let want = minmax::aggregate(read, lo, hi).unwrap();
             let arg = [lo.to_le_bytes(), hi.to_le_bytes()].concat();
-            let out = p
-                .run(
-                    file.world(false),
-                    &Request {
-                        arg: &arg,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+            let out = run_with(&p, file.world(false), &arg);
             assert_eq!(out.output, u64s(&want), "{mode:?} [{lo}, {hi}]");
             // Index windows plus the blocks that may match, nothing else.
             let index_windows = (601 * 16usize).div_ceil(4096) as u64;
             assert!(out.costs.device_bytes <= (index_windows + 2 * want[2]) * 4096);
         }
         let narrow = [250_500u64.to_le_bytes(), 260_200u64.to_le_bytes()].concat();
-        let out = p
-            .run(
-                file.world(false),
-                &Request {
-                    arg: &narrow,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = run_with(&p, file.world(false), &narrow);
         assert!(
             out.costs.device_bytes < bytes.len() as u64 / 20,
             "pruning skipped most blocks"

@@ -4,6 +4,19 @@
 
 use std::io;
 
+/// Little-endian `u64`s of `bytes` (a trailing partial word is ignored).
+pub fn words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// `{u64, u64}` pairs of `bytes`, as `btree_range.c` emits them.
+pub fn pairs(bytes: &[u8]) -> Vec<(u64, u64)> {
+    words(bytes).chunks_exact(2).map(|p| (p[0], p[1])).collect()
+}
+
 /// `btree.c` and `btree_range.c`: a B+-tree of 4096-byte nodes, root at offset 0. A
 /// node is `{u64 leaf; u64 count; u64 keys[255]; u64 vals[255];}`; `leaf` is 0 for an
 /// inner node, and for a leaf 1 plus the file offset of the next leaf (0 for none).

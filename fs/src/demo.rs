@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nearfs_client::Run;
-use nearfs_client::layouts::{btree, records};
+use nearfs_client::layouts::{self, btree, records};
 
 const HEADER: &str = include_str!("../../bpf-progs/include/nearfs.h");
+const BTREE_H: &str = include_str!("../../bpf-progs/include/btree.h");
 const BTREE: &str = include_str!("../../bpf-progs/btree.c");
 const FILTER: &str = include_str!("../../bpf-progs/filter.c");
 
@@ -74,6 +75,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("nearfs-demo-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     std::fs::write(tmp.join("nearfs.h"), HEADER)?;
+    std::fs::write(tmp.join("btree.h"), BTREE_H)?;
     let result = demo(dir, &tmp);
     std::fs::remove_dir_all(&tmp).ok();
     result
@@ -158,11 +160,7 @@ fn demo(dir: &Path, tmp: &Path) -> anyhow::Result<()> {
     let read_back = std::fs::read(&rec_path)?;
     let want = records::aggregate(&read_back, lo, hi);
     let read_time = t.elapsed();
-    let got: Vec<u64> = out
-        .output
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
+    let got = layouts::words(&out.output);
     if got != want {
         bail!("filter: offload {got:?}, reads {want:?}");
     }

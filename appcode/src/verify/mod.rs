@@ -346,35 +346,28 @@ impl State {
         true
     }
 
-    /// As `same_shape`, but constants may differ.
-    fn same_kinds(&self, other: &State) -> bool {
+    /// Whether the two states have the same links and stack layout, and registers and
+    /// slots pairwise alike by `value` and `slot`.
+    fn alike(
+        &self,
+        other: &State,
+        value: impl Fn(&Value, &Value) -> bool,
+        slot: impl Fn(&Slot, &Slot) -> bool,
+    ) -> bool {
         self.links == other.links
             && self.stack.len() == other.stack.len()
-            && self
-                .regs
-                .iter()
-                .zip(&other.regs)
-                .all(|(a, b)| a.same_kind(b))
-            && self
-                .stack
-                .iter()
-                .zip(&other.stack)
-                .all(|(a, b)| a.same_kind(b))
+            && self.regs.iter().zip(&other.regs).all(|(a, b)| value(a, b))
+            && self.stack.iter().zip(&other.stack).all(|(a, b)| slot(a, b))
     }
 
+    /// Same constants everywhere; ranges may differ.
     fn same_shape(&self, other: &State) -> bool {
-        self.links == other.links
-            && self.stack.len() == other.stack.len()
-            && self
-                .regs
-                .iter()
-                .zip(&other.regs)
-                .all(|(a, b)| a.same_shape(b))
-            && self
-                .stack
-                .iter()
-                .zip(&other.stack)
-                .all(|(a, b)| a.same_shape(b))
+        self.alike(other, Value::same_shape, Slot::same_shape)
+    }
+
+    /// As `same_shape`, but constants may differ too.
+    fn same_kinds(&self, other: &State) -> bool {
+        self.alike(other, Value::same_kind, Slot::same_kind)
     }
 
     /// A hash equal for states of the same shape (`same_shape`).

@@ -1,4 +1,4 @@
-# expect: reject TooComplex
+# expect: reject TooComplex|Timeout
 # counts to 2^64
 mov %r0, 0
 l:
