@@ -229,7 +229,7 @@ fn one_program_runs_concurrently_on_many_threads() {
                     let mut rng = Rng(100 + t);
                     for _ in 0..200 {
                         let (k, v) = pairs[rng.below(pairs.len() as u64) as usize];
-                        let out = run_with(&p, file.world(false), &k.to_le_bytes());
+                        let out = run_with(p, file.world(false), &k.to_le_bytes());
                         assert_eq!(out.result, v);
                     }
                 });
