@@ -1048,3 +1048,56 @@ fn the_mount_can_turn_offload_off_or_read_only() {
         nearfs_client::abi::ABI_VERSION
     );
 }
+
+#[test]
+fn per_user_run_limits_and_unloading_a_running_program() {
+    let t = TestFs::new("64M", "offload_runs=1");
+    fs::write(t.path("block"), vec![1u8; 4096]).unwrap();
+    // Hops to the start of its range until the hop limit (2^20 hops) ends the run.
+    let src = t.dir.path().join("spin.c");
+    fs::write(&src, "#include \"nearfs.h\"\nNEARFS_PROG(\"spin\") long spin(struct nearfs_ctx *ctx)\n{\n    return nearfs_next(ctx, ctx->range_start);\n}\n").unwrap();
+    let object = fs::read(compile_bpf(&src, t.dir.path())).unwrap();
+    let f = File::open(t.path("block")).unwrap();
+    let spin = nearfs_client::load(&f, &object, None).unwrap();
+    let other = load_example(&t, "bytecount");
+    let path = t.path("block");
+    let long = std::thread::spawn(move || {
+        let f = File::open(path).unwrap();
+        nearfs_client::run(&f, &Run::new(spin))
+    });
+    // While it runs (a million hops take well over a second): this user's second run is
+    // refused, the program can be unloaded, and the run in progress is unaffected.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let busy = nearfs_client::run(&f, &Run::new(other).arg(&[1])).unwrap_err();
+    assert_eq!(client_errno(&busy), Some(libc::EAGAIN));
+    nearfs_client::unload(&f, spin).unwrap();
+    match long.join().unwrap() {
+        Err(nearfs_client::Error::RunFailed { kind, .. }) => {
+            assert_eq!(kind, nearfs_client::abi::run_error::HOPS)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        client_errno(&nearfs_client::run(&f, &Run::new(spin)).unwrap_err()),
+        Some(libc::ENOENT)
+    );
+    // With the slot free again, the other program runs.
+    assert_eq!(
+        nearfs_client::run(&f, &Run::new(other).arg(&[1]))
+            .unwrap()
+            .result,
+        4096
+    );
+    // Chunks out of order are refused.
+    let mut b = nearfs_client::abi::request(nearfs_client::abi::cmd::LOAD_SIZE, 0);
+    b[16..24].copy_from_slice(&4096u64.to_le_bytes());
+    // SAFETY: `b` holds the command's size in bytes.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            nearfs_client::abi::cmd::LOAD as libc::c_ulong,
+            b.as_mut_ptr(),
+        )
+    };
+    assert!(r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL));
+}
