@@ -41,6 +41,9 @@ const MAX_OBJECT: u64 = 16 << 20;
 const MAX_PENDING_PER_USER: usize = 16;
 /// How long an upload, a log or an unread output is kept.
 const PENDING_FOR: Duration = Duration::from_secs(60);
+/// Wall-clock limit of a writing run: it holds the filesystem's exclusive lock, so every
+/// other request waits for it. Reading runs get appcode's default (10 s).
+const WRITE_RUN_WALL: Duration = Duration::from_secs(1);
 
 /// What the mount allows (`-o offload=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -448,10 +451,11 @@ impl Offload {
         let uid = caller.creds.uid;
         let _slot = self.take_slot(uid)?;
         let arg = b[off::run::ARG..off::run::ARG + arg_len].to_vec();
-        let req = Request {
-            arg: &arg,
-            limits: self.limits,
-        };
+        let mut limits = self.limits;
+        if write {
+            limits.wall = limits.wall.min(WRITE_RUN_WALL);
+        }
+        let req = Request { arg: &arg, limits };
         let outcome = self
             .fs
             .in_place(caller.ino, write, |data| {
