@@ -650,6 +650,10 @@ fn check_structure(insns: &[Insn], refs: &[DataRef]) -> Result<Vec<bool>, (usize
         if matches!(i.class(), class::JMP | class::JMP32) {
             match i.op & 0xf0 {
                 jmp::CALL if i.src != CALL_HELPER => return Err((pc, Reason::LocalCall)),
+                // The JIT compiles every instruction, reachable or not, and needs the helper.
+                jmp::CALL if abi::prototype(i.imm).is_none() => {
+                    return Err((pc, Reason::UnknownHelper(i.imm)));
+                }
                 jmp::CALL | jmp::EXIT => {}
                 code => {
                     let t = pc as i64 + 1 + i64::from(i.off);
