@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use blockdev::{BlockDevice, FileDevice, OpenOptions};
+use blockdev::{BlockDevice, FileDevice, LatencyDevice, OpenOptions};
 use extents::{Fs, MountOptions};
 use fuser::{Config, MountOption, SessionACL};
 
@@ -46,6 +46,9 @@ pub struct MountConfig {
     pub offload: Policy,
     /// Runs one user may have going at once (`offload_runs=N`).
     pub offload_runs: u32,
+    /// Added to every device read and write (`latency=USEC`), to emulate slower media in
+    /// benchmarks.
+    pub latency: Duration,
 }
 
 impl MountConfig {
@@ -65,6 +68,7 @@ impl MountConfig {
             verbose: 0,
             offload: Policy::ReadWrite,
             offload_runs: 4,
+            latency: Duration::ZERO,
         }
     }
 
@@ -110,6 +114,14 @@ impl MountConfig {
                         .ok()
                         .filter(|&n| (1..=1024).contains(&n))
                         .context("offload_runs=1..1024")?
+                }
+                ("latency", Some(v)) => {
+                    self.latency = v
+                        .parse()
+                        .ok()
+                        .filter(|&us| us <= 1_000_000)
+                        .map(Duration::from_micros)
+                        .context("latency=MICROSECONDS (0..1000000)")?
                 }
                 ("nodev", None) => self.passthrough.push(MountOption::NoDev),
                 ("dev", None) => self.passthrough.push(MountOption::Dev),
@@ -179,9 +191,17 @@ pub fn mount(cfg: &MountConfig) -> Result<()> {
 }
 
 fn options_string(cfg: &MountConfig) -> String {
+    let offload = match cfg.offload {
+        Policy::Off => "off",
+        Policy::ReadOnly => "ro",
+        Policy::ReadWrite => "rw",
+    };
     let mut o = vec![
         format!("commit={}", cfg.commit_secs),
         format!("threads={}", cfg.threads),
+        format!("offload={offload}"),
+        format!("offload_runs={}", cfg.offload_runs),
+        format!("latency={}", cfg.latency.as_micros()),
     ];
     for (set, name) in [
         (cfg.allow_other, "allow_other"),
@@ -268,7 +288,10 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
         // SAFETY: setsid has no arguments; failing (already a leader) is harmless.
         unsafe { libc::setsid() };
     }
-    let dev = open_device(&cfg.image, cfg.read_only, cfg.direct)?;
+    let mut dev = open_device(&cfg.image, cfg.read_only, cfg.direct)?;
+    if !cfg.latency.is_zero() {
+        dev = Arc::new(LatencyDevice::new(dev, cfg.latency));
+    }
     let opts = MountOptions {
         read_only: cfg.read_only,
         kernel_refs: true,
@@ -588,16 +611,22 @@ mod tests {
     fn options_parse_and_round_trip() {
         let mut c = MountConfig::new("a".into(), "b".into());
         c.apply_options(
-            "allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount,log=/tmp/l",
+            "allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount,log=/tmp/l,\
+             offload=ro,offload_runs=9,latency=80",
         )
         .unwrap();
         assert!(c.allow_other && c.read_only && c.commit_secs == 2 && c.threads == 3);
+        // The daemonized child gets every option.
         let mut d = MountConfig::new("a".into(), "b".into());
         d.apply_options(&options_string(&c)).unwrap();
         assert!(d.allow_other && d.read_only && d.commit_secs == 2 && d.threads == 3);
+        assert_eq!(d.offload, Policy::ReadOnly);
+        assert_eq!(d.offload_runs, 9);
+        assert_eq!(d.latency, Duration::from_micros(80));
         assert_eq!(d.passthrough, vec![MountOption::NoDev]);
         assert_eq!(d.log.as_deref(), Some(Path::new("/tmp/l")));
         assert!(c.apply_options("bogus").is_err());
         assert!(c.apply_options("commit=0").is_err());
+        assert!(c.apply_options("latency=2s").is_err());
     }
 }
