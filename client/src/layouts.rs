@@ -4,6 +4,34 @@
 
 use std::io;
 
+/// A small deterministic generator (xorshift64) for data and keys that repeat from run to
+/// run; not for anything that needs real randomness.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed (0 is replaced, since xorshift would stay at 0).
+    pub fn new(seed: u64) -> Rng {
+        Rng(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// Little-endian `u64`s of `bytes` (a trailing partial word is ignored).
 pub fn words(bytes: &[u8]) -> Vec<u64> {
     bytes

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nearfs_client::Run;
-use nearfs_client::layouts::{self, btree, records};
+use nearfs_client::layouts::{self, Rng, btree, records};
 
 const HEADER: &str = include_str!("../../bpf-progs/include/nearfs.h");
 const BTREE_H: &str = include_str!("../../bpf-progs/include/btree.h");
@@ -21,18 +21,6 @@ const FILTER: &str = include_str!("../../bpf-progs/filter.c");
 const KEYS: u64 = 1_000_000;
 const RECORDS: u64 = 1_000_000;
 const LOOKUPS: usize = 2000;
-
-/// A small deterministic generator, so that every demo shows the same data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn compile(dir: &Path, name: &str, source: &str) -> anyhow::Result<Vec<u8>> {
     let (c, o) = (dir.join(format!("{name}.c")), dir.join(format!("{name}.o")));
@@ -82,12 +70,12 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn demo(dir: &Path, tmp: &Path) -> anyhow::Result<()> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(1);
     let pairs: Vec<(u64, u64)> = (0..KEYS).map(|i| (i * 16 + 5, i * 3)).collect();
     let (tree, depth) = btree::build(&pairs, btree::FANOUT);
     let tree_path = dir.join("demo-tree.db");
     std::fs::write(&tree_path, &tree)?;
-    let recs: Vec<(u64, u64)> = (0..RECORDS).map(|i| (i, rng.next() % 1_000_000)).collect();
+    let recs: Vec<(u64, u64)> = (0..RECORDS).map(|i| (i, rng.below(1_000_000))).collect();
     let rec_bytes = records::encode(&recs);
     let rec_path = dir.join("demo-records.bin");
     std::fs::write(&rec_path, &rec_bytes)?;
@@ -115,7 +103,7 @@ fn demo(dir: &Path, tmp: &Path) -> anyhow::Result<()> {
 
     // Lookups: one ioctl each, against one pread per tree level.
     let keys: Vec<(u64, u64)> = (0..LOOKUPS)
-        .map(|_| pairs[(rng.next() % KEYS) as usize])
+        .map(|_| pairs[rng.below(KEYS) as usize])
         .collect();
     let (mut by_offload, mut cached, mut cold) = (Vec::new(), Vec::new(), Vec::new());
     for &(k, v) in &keys {
