@@ -1,8 +1,9 @@
 # Shared by the scripts: installing what a fresh Debian machine lacks, and the mount helper.
 
 # Debian packages nearfs needs: FUSE, clang/llvm (appcode), attr (getfattr), fio (benchmarks),
-# libacl1-dev (pjdfstest), util-linux (setpriv), e2fsprogs (ext4 for comparisons).
-NEARFS_PACKAGES="fuse3 clang llvm attr fio libacl1-dev util-linux e2fsprogs"
+# libacl1-dev (pjdfstest), util-linux (setpriv), e2fsprogs (ext4 for comparisons),
+# fonts-dejavu-core (text in the benchmark plots).
+NEARFS_PACKAGES="fuse3 clang llvm attr fio libacl1-dev util-linux e2fsprogs fonts-dejavu-core"
 
 install_packages() {
     local missing=()

@@ -1,0 +1,294 @@
+//! Dependent lookups: B+-tree point lookups at depths 1–6, by one offload ioctl (a chain of
+//! hops inside the daemon) against one `pread` per level through the mount and on the host
+//! filesystem, next to the floor: a null ioctl plus the same device reads done directly.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use blockdev::{BlockDevice, FileDevice, LatencyDevice, OpenOptions};
+use nearfs_client::layouts::{Rng, btree};
+use nearfs_client::{ProgId, Run};
+use serde::Serialize;
+
+use crate::Plan;
+use crate::measure::{self, Stats};
+use crate::setup::{self, Aligned, Mounted, Work};
+
+/// Lookups each thread draws its keys from.
+const SAMPLES: usize = 4096;
+
+/// How a lookup (or its floor) is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Way {
+    /// One RUN ioctl of `btree.c`: the daemon reads each node and calls the program again.
+    Offload,
+    /// One `pread` per level through the mount, opened O_DIRECT: each is a FUSE round trip.
+    MountDirect,
+    /// The same with the nodes in the kernel's page cache: no round trip at all.
+    MountCached,
+    /// One `pread` per level of a copy on the host filesystem, from its page cache.
+    HostCached,
+    /// The same opened O_DIRECT: each read goes to the host's disk.
+    HostDirect,
+    /// The daemon's device reads without anything around them: the same nodes read from
+    /// the image through the same device stack, in this process.
+    RawDevice,
+    /// A RUN ioctl of a program that returns at once over an empty range.
+    NullRun,
+    /// The smallest ioctl there is (VERSION, 8 bytes each way).
+    VersionIoctl,
+}
+
+impl Way {
+    pub fn label(self) -> &'static str {
+        match self {
+            Way::Offload => "offload (1 ioctl)",
+            Way::MountDirect => "preads via mount",
+            Way::MountCached => "preads via mount, page cache",
+            Way::HostCached => "preads on host fs, page cache",
+            Way::HostDirect => "preads on host fs, O_DIRECT",
+            Way::RawDevice => "raw device reads",
+            Way::NullRun => "null RUN ioctl",
+            Way::VersionIoctl => "VERSION ioctl",
+        }
+    }
+
+    /// Whether its cost depends on the tree's depth.
+    pub fn per_depth(self) -> bool {
+        !matches!(self, Way::NullRun | Way::VersionIoctl)
+    }
+
+    /// Whether the nearfs device's latency reaches it (the others are measured once).
+    fn sees_device(self) -> bool {
+        matches!(
+            self,
+            Way::Offload | Way::MountDirect | Way::RawDevice | Way::NullRun
+        )
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Latency added to every device access, µs.
+    pub device_us: u64,
+    /// Tree depth; 0 for ways that read no tree.
+    pub depth: usize,
+    pub way: Way,
+    pub threads: usize,
+    pub stats: Stats,
+}
+
+/// A tree of one depth, on the mount and as a host copy.
+pub struct Tree {
+    pub depth: usize,
+    name: String,
+    /// `(key, value, file offsets of the nodes a lookup reads)`.
+    samples: Vec<(u64, u64, Vec<u64>)>,
+    /// Device offsets of the same nodes, once the file is on the mount.
+    device_paths: Vec<Vec<u64>>,
+}
+
+/// Writes one tree per depth (each node filled to `plan.fill` keys, so that depth 6 stays
+/// small) to the mount and the host directory.
+pub fn prepare(plan: &Plan, work: &Work, m: &Mounted) -> Result<Vec<Tree>> {
+    let mut trees = Vec::new();
+    for depth in 1..=plan.max_depth {
+        let keys = (plan.fill as u64).pow(depth as u32);
+        let pairs: Vec<(u64, u64)> = (0..keys).map(|i| (i * 16 + 5, i * 3)).collect();
+        let (bytes, built) = btree::build(&pairs, plan.fill);
+        if built != depth {
+            bail!("a tree of {keys} keys came out {built} deep, not {depth}");
+        }
+        let name = format!("tree-{depth}.db");
+        std::fs::write(m.path(&name), &bytes)?;
+        std::fs::write(work.host.join(&name), &bytes)?;
+        let mut rng = Rng::new(depth as u64);
+        let mut samples = Vec::with_capacity(SAMPLES);
+        for _ in 0..SAMPLES {
+            let (k, v) = pairs[rng.below(keys) as usize];
+            let mut path = Vec::new();
+            let read = |n: &mut [u8], at: u64| {
+                path.push(at);
+                n.copy_from_slice(&bytes[at as usize..at as usize + n.len()]);
+                Ok(())
+            };
+            if btree::lookup(read, k)? != Some(v) {
+                bail!("the tree of depth {depth} does not hold key {k}");
+            }
+            samples.push((k, v, path));
+        }
+        trees.push(Tree {
+            depth,
+            name,
+            samples,
+            device_paths: Vec::new(),
+        });
+    }
+    Ok(trees)
+}
+
+/// What each benchmark thread holds.
+struct State {
+    file: File,
+    buf: Aligned,
+    rng: Rng,
+}
+
+/// Every way at every depth and thread count, on the mount `m` whose device adds
+/// `device_us` to each access. With `device_us` 0, the ways the device does not reach are
+/// measured too.
+pub fn measure(
+    plan: &Plan,
+    work: &Work,
+    m: &Mounted,
+    device_us: u64,
+    trees: &mut [Tree],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let objects = work.root.join("objects");
+    std::fs::create_dir_all(&objects)?;
+    let probe = File::open(m.path(&trees[0].name))?;
+    let lookup = nearfs_client::load(
+        &probe,
+        &setup::compile(&setup::source_dir("../bpf-progs/btree.c"), &objects)?,
+        None,
+    )?;
+    let null = nearfs_client::load(
+        &probe,
+        &setup::compile(&setup::source_dir("progs/null.c"), &objects)?,
+        None,
+    )?;
+    let image = FileDevice::open(
+        &work.image,
+        OpenOptions {
+            direct: false,
+            read_only: true,
+        },
+    )?;
+    let mut device: Arc<dyn BlockDevice> = Arc::new(image);
+    if device_us > 0 {
+        device = Arc::new(LatencyDevice::new(device, Duration::from_micros(device_us)));
+    }
+    for tree in trees.iter_mut() {
+        let extents = setup::extents(&m.path(&tree.name))?;
+        tree.device_paths = tree
+            .samples
+            .iter()
+            .map(|(_, _, path)| {
+                path.iter()
+                    .map(|&off| setup::translate(&extents, off).context("a node outside the file"))
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+    }
+
+    let ways = [
+        Way::Offload,
+        Way::MountDirect,
+        Way::MountCached,
+        Way::HostCached,
+        Way::HostDirect,
+        Way::RawDevice,
+        Way::NullRun,
+        Way::VersionIoctl,
+    ];
+    for way in ways
+        .into_iter()
+        .filter(|w| device_us == 0 || w.sees_device())
+    {
+        let depths: Vec<&Tree> = if way.per_depth() {
+            trees.iter().collect()
+        } else {
+            vec![&trees[0]]
+        };
+        for tree in depths {
+            let path = match way {
+                Way::HostCached | Way::HostDirect => work.host.join(&tree.name),
+                _ => m.path(&tree.name),
+            };
+            let direct = matches!(way, Way::MountDirect | Way::HostDirect);
+            for &threads in &plan.threads {
+                let setup = |t: usize| -> Result<State> {
+                    let file = setup::open(&path, direct, false)?;
+                    setup::no_readahead(&file);
+                    Ok(State {
+                        file,
+                        buf: Aligned::new(btree::NODE),
+                        rng: Rng::new(((t as u64 + 1) << 32) | tree.depth as u64),
+                    })
+                };
+                let op = |s: &mut State| -> Result<()> {
+                    let i = s.rng.below(tree.samples.len() as u64) as usize;
+                    let (key, want, _) = tree.samples[i];
+                    let got = match way {
+                        Way::Offload => {
+                            let arg = key.to_le_bytes();
+                            let run = Run::new(lookup).arg(&arg);
+                            Some(nearfs_client::run(&s.file, &run)?.result)
+                        }
+                        Way::NullRun => return null_run(&s.file, null),
+                        Way::VersionIoctl => {
+                            nearfs_client::version(&s.file)?;
+                            return Ok(());
+                        }
+                        Way::RawDevice => {
+                            let buf = s.buf.get();
+                            for &dev in &tree.device_paths[i] {
+                                device.read_at(buf, dev)?;
+                            }
+                            return Ok(());
+                        }
+                        _ => by_preads(s, direct, key)?,
+                    };
+                    if got != Some(want) {
+                        bail!(
+                            "{}: key {key} gave {got:?}, not {want} (depth {})",
+                            way.label(),
+                            tree.depth
+                        );
+                    }
+                    Ok(())
+                };
+                let stats = measure::threads(threads, plan.cell, setup, op)?;
+                rows.push(Row {
+                    device_us,
+                    depth: if way.per_depth() { tree.depth } else { 0 },
+                    way,
+                    threads,
+                    stats,
+                });
+            }
+        }
+    }
+    nearfs_client::unload(&probe, lookup)?;
+    nearfs_client::unload(&probe, null)?;
+    Ok(())
+}
+
+fn null_run(file: &File, null: ProgId) -> Result<()> {
+    nearfs_client::run(file, &Run::new(null).range(0, 0))?;
+    Ok(())
+}
+
+/// The lookup an application does without offload: one `pread` per level.
+fn by_preads(s: &mut State, direct: bool, key: u64) -> Result<Option<u64>> {
+    let State { file, buf, .. } = s;
+    let found = btree::lookup(
+        |n, at| {
+            if direct {
+                let b = buf.get();
+                file.read_exact_at(b, at)?;
+                n.copy_from_slice(b);
+                Ok(())
+            } else {
+                file.read_exact_at(n, at)
+            }
+        },
+        key,
+    )?;
+    Ok(found)
+}

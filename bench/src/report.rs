@@ -1,0 +1,436 @@
+//! Results: what `results.json` holds, the targets as ratios from this one run, and the
+//! Markdown tables.
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::overheads::Overheads;
+use crate::{Plan, lookups, rmw, scans, setup};
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+#[derive(Serialize)]
+pub struct Results {
+    pub machine: String,
+    pub date: String,
+    pub plan: Plan,
+    pub seconds: f64,
+    pub lookups: Vec<lookups::Row>,
+    pub scans: Vec<scans::Row>,
+    pub rmw: Vec<rmw::Row>,
+    pub overheads: Option<Overheads>,
+    pub targets: Vec<Target>,
+}
+
+/// A target of the benchmark issue and what this run measured against it.
+#[derive(Serialize)]
+pub struct Target {
+    pub what: String,
+    pub want: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+impl Results {
+    pub fn new(plan: &Plan) -> Results {
+        let date = std::process::Command::new("date")
+            .arg("+%F")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        Results {
+            machine: setup::machine(),
+            date,
+            plan: plan.clone(),
+            seconds: 0.0,
+            lookups: Vec::new(),
+            scans: Vec::new(),
+            rmw: Vec::new(),
+            overheads: None,
+            targets: Vec::new(),
+        }
+    }
+
+    /// The measurement of a lookup way at a device latency, depth and thread count; ways
+    /// that read no tree or that the device does not reach are found whatever those are.
+    pub fn lookup(
+        &self,
+        device_us: u64,
+        depth: usize,
+        way: lookups::Way,
+        threads: usize,
+    ) -> Option<&lookups::Row> {
+        let depth = if way.per_depth() { depth } else { 0 };
+        let device_us = if self.device_reaches(way) {
+            device_us
+        } else {
+            0
+        };
+        self.lookups.iter().find(|r| {
+            r.device_us == device_us && r.depth == depth && r.way == way && r.threads == threads
+        })
+    }
+
+    /// The median latency of one lookup way, one thread.
+    pub fn lookup_us(&self, device_us: u64, depth: usize, way: lookups::Way) -> Option<f64> {
+        self.lookup(device_us, depth, way, 1)
+            .map(|r| r.stats.median_us)
+    }
+
+    /// Whether a lookup way was measured at every device latency (the others only once).
+    fn device_reaches(&self, way: lookups::Way) -> bool {
+        self.lookups.iter().any(|r| r.way == way && r.device_us > 0)
+    }
+
+    /// The floor of an offload lookup: one crossing (a null RUN) and `depth` device reads.
+    pub fn floor_us(&self, device_us: u64, depth: usize) -> Option<f64> {
+        Some(
+            self.lookup_us(device_us, depth, lookups::Way::NullRun)?
+                + self.lookup_us(device_us, depth, lookups::Way::RawDevice)?,
+        )
+    }
+
+    /// Computes the targets once everything is measured.
+    pub fn finish(&mut self) {
+        use lookups::Way;
+        let mut targets = Vec::new();
+        for (depth, want) in [(4, 3.0), (6, 4.0)] {
+            let ratio = self
+                .lookup_us(0, depth, Way::MountDirect)
+                .zip(self.lookup_us(0, depth, Way::Offload));
+            if let Some((preads, offload)) = ratio {
+                targets.push(Target {
+                    what: format!("depth-{depth} lookup: {depth} preads via mount / offload"),
+                    want: format!("≥ {want}×"),
+                    measured: format!("{:.2}× ({preads:.1} / {offload:.1} µs)", preads / offload),
+                    met: preads / offload >= want,
+                });
+            }
+        }
+        for &device_us in &self.plan.device_us {
+            let worst = (1..=self.plan.max_depth)
+                .filter_map(|d| {
+                    let offload = self.lookup_us(device_us, d, Way::Offload)?;
+                    Some((offload / self.floor_us(device_us, d)?, d))
+                })
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            if let Some((ratio, depth)) = worst {
+                targets.push(Target {
+                    what: format!(
+                        "offload / (null RUN + d raw device reads), device +{device_us} µs, worst depth"
+                    ),
+                    want: "≤ 1.3×".into(),
+                    measured: format!("{ratio:.2}× (depth {depth})"),
+                    met: ratio <= 1.3,
+                });
+            }
+        }
+        let slowest = self
+            .scans
+            .iter()
+            .filter(|r| r.way == scans::Way::OffloadAggregate)
+            .map(|r| r.gb_per_sec)
+            .min_by(f64::total_cmp);
+        if let Some(gbs) = slowest {
+            targets.push(Target {
+                what: "offloaded scan over cached data (filter + aggregate), slowest selectivity"
+                    .into(),
+                want: "≥ 1 GB/s".into(),
+                measured: format!("{gbs:.2} GB/s"),
+                met: gbs >= 1.0,
+            });
+        }
+        self.targets = targets;
+    }
+
+    /// The tables, with plots linked from `images` (a directory, relative to the document).
+    pub fn markdown(&self, images: &Path) -> String {
+        let mut s = String::new();
+        let img = |name: &str| images.join(name).display().to_string();
+        let p = &self.plan;
+        let _ = writeln!(
+            s,
+            "Machine: {}; {}; {} mode ({:.0} s): each lookup and read-modify-write figure runs {:.2} s, \
+             B+-tree nodes of 4 KiB holding {} keys, {} MiB of records scanned {} times.\n",
+            self.machine,
+            self.date,
+            p.mode,
+            self.seconds,
+            p.cell.as_secs_f64(),
+            p.fill,
+            p.scan_bytes >> 20,
+            p.scan_repeats
+        );
+
+        s.push_str("### Targets (ratios from this run)\n\n| target | want | measured | |\n|---|---|---|---|\n");
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                t.what,
+                t.want,
+                t.measured,
+                if t.met { "met" } else { "**missed**" }
+            );
+        }
+
+        self.lookup_tables(&mut s, &img);
+        self.scan_table(&mut s, &img);
+        self.rmw_table(&mut s, &img);
+        if let Some(o) = &self.overheads {
+            overhead_tables(&mut s, o);
+        }
+        s
+    }
+
+    fn lookup_tables(&self, s: &mut String, img: &dyn Fn(&str) -> String) {
+        use lookups::Way;
+        let _ = writeln!(
+            s,
+            "\n### Dependent lookups\n\nMedian (p99) µs of one lookup, one thread. \"floor\" is a null RUN \
+             ioctl plus the lookup's device reads done directly.\n\n![lookup latency]({})\n",
+            img("lookup-latency.png")
+        );
+        let cell = |device_us: u64, depth: usize, way: Way| {
+            self.lookup(device_us, depth, way, 1)
+                .map_or("–".to_string(), |r| {
+                    format!("{:.1} ({:.0})", r.stats.median_us, r.stats.p99_us)
+                })
+        };
+        for &device_us in &self.plan.device_us {
+            let _ = writeln!(
+                s,
+                "**Device +{device_us} µs per access.**\n\n| depth | offload | preads via mount | speedup | floor | offload / floor | \
+                 via mount, page cache | host fs, page cache | host fs, O_DIRECT |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for d in 1..=self.plan.max_depth {
+                let ratio = |a: Option<f64>, b: Option<f64>| {
+                    a.zip(b)
+                        .map_or("–".into(), |(a, b)| format!("{:.2}×", a / b))
+                };
+                let offload = self.lookup_us(device_us, d, Way::Offload);
+                let _ = writeln!(
+                    s,
+                    "| {d} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    cell(device_us, d, Way::Offload),
+                    cell(device_us, d, Way::MountDirect),
+                    ratio(self.lookup_us(device_us, d, Way::MountDirect), offload),
+                    self.floor_us(device_us, d)
+                        .map_or("–".into(), |f| format!("{f:.1}")),
+                    ratio(offload, self.floor_us(device_us, d)),
+                    cell(device_us, d, Way::MountCached),
+                    cell(device_us, d, Way::HostCached),
+                    cell(device_us, d, Way::HostDirect),
+                );
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "Crossings: VERSION ioctl {} µs, null RUN ioctl {} µs (median, one thread).\n",
+            cell(0, 0, Way::VersionIoctl),
+            cell(0, 0, Way::NullRun)
+        );
+        let depth = self.plan.max_depth.min(4);
+        let _ = writeln!(
+            s,
+            "Throughput at depth {depth}, lookups per second over all threads:\n\n![lookup throughput]({})\n\n\
+             | device | way | {} |\n|---|---|{}",
+            img("lookup-throughput.png"),
+            self.plan
+                .threads
+                .iter()
+                .map(|t| format!("{t} thread{}", if *t == 1 { "" } else { "s" }))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---:|".repeat(self.plan.threads.len())
+        );
+        for &device_us in &self.plan.device_us {
+            for way in [Way::Offload, Way::MountDirect, Way::RawDevice] {
+                let rates: Vec<String> = self
+                    .plan
+                    .threads
+                    .iter()
+                    .map(|&t| {
+                        self.lookup(device_us, depth, way, t)
+                            .map_or("–".into(), |r| format!("{:.0}", r.stats.ops_per_sec))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| +{device_us} µs | {} | {} |",
+                    way.label(),
+                    rates.join(" | ")
+                );
+            }
+        }
+    }
+
+    fn scan_table(&self, s: &mut String, img: &dyn Fn(&str) -> String) {
+        let ways = [
+            scans::Way::OffloadAggregate,
+            scans::Way::OffloadSelect,
+            scans::Way::MountRead,
+            scans::Way::MountCached,
+            scans::Way::HostCached,
+        ];
+        let _ = writeln!(
+            s,
+            "\n### Scans\n\nGB/s of file scanned (median of {} runs); in brackets, the bytes that crossed into \
+             the application.\n\n![scan]({})\n\n| selectivity | {} |\n|---:|{}",
+            self.plan.scan_repeats,
+            img("scan.png"),
+            ways.map(|w| w.label()).join(" | "),
+            "---:|".repeat(ways.len())
+        );
+        for &sel in &self.plan.selectivities {
+            let cells: Vec<String> = ways
+                .iter()
+                .map(|&w| {
+                    self.scans
+                        .iter()
+                        .find(|r| r.selectivity == sel && r.way == w)
+                        .map_or("–".into(), |r| {
+                            format!("{:.2} ({})", r.gb_per_sec, bytes(r.returned_bytes))
+                        })
+                })
+                .collect();
+            let _ = writeln!(s, "| {} % | {} |", sel * 100.0, cells.join(" | "));
+        }
+    }
+
+    fn rmw_table(&self, s: &mut String, img: &dyn Fn(&str) -> String) {
+        let _ = writeln!(
+            s,
+            "\n### Read-modify-write\n\nIncrements per second over all workers (median µs per increment); \
+             every run checks that the counters grew by exactly the increments done.\n\n![rmw]({})\n\n\
+             | workers | {} | {} | ratio |\n|---:|---:|---:|---:|",
+            img("rmw.png"),
+            rmw::Way::Offload.label(),
+            rmw::Way::ReadWrite.label()
+        );
+        for &w in &self.plan.rmw_workers {
+            let get = |way| {
+                self.rmw
+                    .iter()
+                    .find(|r| r.way == way && r.workers == w)
+                    .map(|r| r.stats)
+            };
+            if let (Some(o), Some(rw)) = (get(rmw::Way::Offload), get(rmw::Way::ReadWrite)) {
+                let _ = writeln!(
+                    s,
+                    "| {w} | {:.0} ({:.1}) | {:.0} ({:.1}) | {:.2}× |",
+                    o.ops_per_sec,
+                    o.median_us,
+                    rw.ops_per_sec,
+                    rw.median_us,
+                    o.ops_per_sec / rw.ops_per_sec
+                );
+            }
+        }
+    }
+}
+
+fn overhead_tables(s: &mut String, o: &Overheads) {
+    s.push_str(
+        "\n### Runtime overheads\n\nVerification of each example in `bpf-progs/` (target < 50 ms); \
+         \"worst case\" is the verifier's proven bound on instructions per invocation.\n\n\
+         | program | instructions | worst case | processed | states | time |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for v in &o.verification {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2} ms |",
+            v.program, v.insns, v.max_insns, v.processed, v.states, v.ms
+        );
+    }
+    s.push_str("\n| workload | JIT | interpreter | ratio |\n|---|---:|---:|---:|\n");
+    for e in &o.engines {
+        let jit = e
+            .jit_mb_per_sec
+            .map_or(format!("{:.2} µs", e.jit_us), |mb| {
+                format!("{:.2} µs ({mb:.0} MB/s)", e.jit_us)
+            });
+        let _ = writeln!(
+            s,
+            "| {} | {jit} | {:.2} µs | {:.0}× |",
+            e.workload,
+            e.interpreter_us,
+            e.interpreter_us / e.jit_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nSetting up a run (a program that returns at once, empty range): {:.0} ns on the JIT, \
+         {:.0} ns on the interpreter (target < 1 µs).",
+        o.setup_ns_jit, o.setup_ns_interpreter
+    );
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// `out` as a link from the document `doc`: relative when `out` lies beside or below it.
+pub fn relative(out: &Path, doc: &Path) -> PathBuf {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (out, dir) = (abs(out), abs(doc.parent().unwrap_or(Path::new("."))));
+    out.strip_prefix(&dir)
+        .map_or(out.clone(), Path::to_path_buf)
+}
+
+/// Replaces the block between the bench markers of `doc` (appends one if there is none).
+pub fn splice(doc: &Path, markdown: &str) -> Result<()> {
+    let text = std::fs::read_to_string(doc).unwrap_or_default();
+    let block = format!("{BEGIN}\n{markdown}\n{END}");
+    let new = match (text.find(BEGIN), text.find(END)) {
+        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &text[..b], &text[e + END.len()..]),
+        _ => format!("{text}\n{block}\n"),
+    };
+    std::fs::write(doc, new).with_context(|| format!("cannot write {}", doc.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_the_marked_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = dir.path().join("b.md");
+        std::fs::write(&doc, format!("# head\n{BEGIN}\nold\n{END}\ntail\n")).unwrap();
+        splice(&doc, "new").unwrap();
+        let text = std::fs::read_to_string(&doc).unwrap();
+        assert_eq!(text, format!("# head\n{BEGIN}\nnew\n{END}\ntail\n"));
+        // Without markers the block is appended, and found again next time.
+        let bare = dir.path().join("c.md");
+        std::fs::write(&bare, "text\n").unwrap();
+        splice(&bare, "one").unwrap();
+        splice(&bare, "two").unwrap();
+        let text = std::fs::read_to_string(&bare).unwrap();
+        assert_eq!(text, format!("text\n\n{BEGIN}\ntwo\n{END}\n"));
+    }
+
+    #[test]
+    fn plots_are_linked_relative_to_the_document() {
+        let p = relative(Path::new("docs/bench"), Path::new("docs/benchmarks.md"));
+        assert_eq!(p, Path::new("bench"));
+        let p = relative(Path::new("/tmp/x"), Path::new("docs/benchmarks.md"));
+        assert_eq!(p, Path::new("/tmp/x"));
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(bytes(32), "32 B");
+        assert_eq!(bytes(3 << 10), "3.0 KiB");
+        assert_eq!(bytes(5 << 20), "5.0 MiB");
+    }
+}

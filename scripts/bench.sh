@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Offload against every alternative: dependent lookups, scans, read-modify-write and the
+# runtime's overheads, measured side by side in one run (bench/, `nearfs-bench`). Builds
+# release binaries, makes its own image and data under --work, and writes results.json,
+# PNG plots and Markdown tables.
+#
+#   scripts/bench.sh            # full (about 6 minutes): docs/bench/ and the tables in docs/benchmarks.md
+#   scripts/bench.sh --quick    # smoke run (under a minute) into a temporary directory; CI runs it
+#   scripts/bench.sh [--quick] [--out DIR] [--docs FILE] [--work DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+quick=0 out="" docs="" work=/var/tmp
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) quick=1; shift ;;
+        --out) out=$2; shift 2 ;;
+        --docs) docs=$2; shift 2 ;;
+        --work) work=$2; shift 2 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+install_packages
+cargo build --release --quiet -p nearfs -p nearfs-bench
+args=(--work "$work")
+if [ "$quick" -eq 1 ]; then
+    args+=(--quick)
+    if [ -z "$out" ]; then
+        out=$(mktemp -d /tmp/nearfs-bench-quick.XXXXXX)
+        trap 'rm -rf "$out"' EXIT
+    fi
+else
+    out=${out:-docs/bench}
+    docs=${docs:-docs/benchmarks.md}
+fi
+args+=(--out "$out")
+[ -n "$docs" ] && args+=(--docs "$docs")
+target/release/nearfs-bench "${args[@]}"
