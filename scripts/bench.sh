@@ -7,6 +7,8 @@
 #   scripts/bench.sh            # full (about 6 minutes): docs/bench/ and the tables in docs/benchmarks.md
 #   scripts/bench.sh --quick    # smoke run (under a minute) into a temporary directory; CI runs it
 #   scripts/bench.sh [--quick] [--out DIR] [--docs FILE] [--work DIR]
+#   target/release/nearfs-bench --replot docs/bench/results.json --out docs/bench --docs docs/benchmarks.md
+#                               # draws the plots and tables again from saved results
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -37,4 +39,9 @@ else
 fi
 args+=(--out "$out")
 [ -n "$docs" ] && args+=(--docs "$docs")
-target/release/nearfs-bench "${args[@]}"
+target/release/nearfs-bench "${args[@]}" | tee "$out/tables.md"
+if [ "$quick" -eq 1 ]; then
+    # The results must be enough to draw everything again (`--replot`), identically.
+    target/release/nearfs-bench --replot "$out/results.json" --out "$out" >"$out/replot.md"
+    cmp "$out/tables.md" "$out/replot.md"
+fi

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use blockdev::{BlockDevice, FileDevice, LatencyDevice, OpenOptions};
 use nearfs_client::layouts::{Rng, btree};
 use nearfs_client::{ProgId, Run};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Plan;
 use crate::measure::{self, Stats};
@@ -21,7 +21,7 @@ use crate::setup::{self, Aligned, Mounted, Work};
 const SAMPLES: usize = 4096;
 
 /// How a lookup (or its floor) is done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Way {
     /// One RUN ioctl of `btree.c`: the daemon reads each node and calls the program again.
     Offload,
@@ -71,7 +71,7 @@ impl Way {
 }
 
 /// One measurement.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     /// Latency added to every device access, µs.
     pub device_us: u64,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
 #[command(
@@ -44,12 +44,15 @@ struct Args {
     /// filesystem, not tmpfs: the host copies are also read with O_DIRECT.
     #[arg(long, default_value = "/var/tmp")]
     work: PathBuf,
+    /// Measure nothing: draw the plots and tables again from this results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    replot: Option<PathBuf>,
 }
 
 /// How much of everything to do.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
-    pub mode: &'static str,
+    pub mode: String,
     /// How long each lookup and read-modify-write measurement runs.
     pub cell: Duration,
     pub max_depth: usize,
@@ -70,7 +73,7 @@ pub struct Plan {
 impl Plan {
     fn new(quick: bool) -> Plan {
         Plan {
-            mode: if quick { "quick" } else { "full" },
+            mode: if quick { "quick" } else { "full" }.into(),
             cell: Duration::from_millis(if quick { 50 } else { 1000 }),
             max_depth: 6,
             fill: if quick { 4 } else { 8 },
@@ -98,10 +101,41 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let started = Instant::now();
-    let plan = Plan::new(args.quick);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let r = match &args.replot {
+        Some(json) => {
+            let text = std::fs::read_to_string(json)
+                .with_context(|| format!("cannot read {}", json.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}", json.display()))?
+        }
+        None => measure(args)?,
+    };
+    let json = args.out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&r)?)?;
+    plot::all(&r, &args.out)?;
+    let images = match &args.docs {
+        Some(doc) => report::relative(&args.out, doc),
+        None => args.out.clone(),
+    };
+    let markdown = r.markdown(&images);
+    println!("{markdown}");
+    if let Some(doc) = &args.docs {
+        report::splice(doc, &markdown)?;
+    }
+    eprintln!(
+        "==> {} and plots in {}, {:.0} s",
+        json.display(),
+        args.out.display(),
+        r.seconds
+    );
+    Ok(())
+}
+
+/// Everything measured, on a fresh image under `args.work`.
+fn measure(args: &Args) -> Result<report::Results> {
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
     let work = setup::Work::create(&args.work, plan.image_bytes)?;
     let mut r = report::Results::new(&plan);
     {
@@ -125,24 +159,5 @@ fn run(args: &Args) -> Result<()> {
     r.overheads = Some(overheads::measure(plan.batch, &work.root.join("objects"))?);
     r.seconds = started.elapsed().as_secs_f64();
     r.finish();
-
-    let json = args.out.join("results.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&r)?)?;
-    plot::all(&r, &args.out)?;
-    let images = match &args.docs {
-        Some(doc) => report::relative(&args.out, doc),
-        None => args.out.clone(),
-    };
-    let markdown = r.markdown(&images);
-    println!("{markdown}");
-    if let Some(doc) = &args.docs {
-        report::splice(doc, &markdown)?;
-    }
-    eprintln!(
-        "==> {} and plots in {}, {:.0} s",
-        json.display(),
-        args.out.display(),
-        r.seconds
-    );
-    Ok(())
+    Ok(r)
 }

@@ -5,10 +5,10 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What one measurement found.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Stats {
     pub median_us: f64,
     pub p99_us: f64,
@@ -109,29 +109,19 @@ mod tests {
     fn threads_count_every_operation_and_pass_errors_on() {
         use std::sync::atomic::{AtomicU64, Ordering};
         let done = AtomicU64::new(0);
-        let s = threads(
-            3,
-            Duration::from_millis(20),
-            Ok,
-            |_| {
-                done.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            },
-        )
+        let s = threads(3, Duration::from_millis(20), Ok, |_| {
+            done.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
         .unwrap();
         assert_eq!(s.ops, done.load(Ordering::Relaxed));
-        let err = threads(
-            2,
-            Duration::from_millis(20),
-            Ok,
-            |&mut t| {
-                if t == 1 {
-                    anyhow::bail!("thread 1 fails")
-                } else {
-                    Ok(())
-                }
-            },
-        );
+        let err = threads(2, Duration::from_millis(20), Ok, |&mut t| {
+            if t == 1 {
+                anyhow::bail!("thread 1 fails")
+            } else {
+                Ok(())
+            }
+        });
         assert!(err.unwrap_err().to_string().contains("thread 1 fails"));
     }
 }

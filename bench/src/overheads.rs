@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use appcode::{Extent, Mode, Program, Request, World, elf, program};
 use blockdev::{BlockDevice, MemDevice};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::setup;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Verification {
     pub program: String,
     pub insns: usize,
@@ -21,7 +21,7 @@ pub struct Verification {
     pub ms: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Engines {
     pub workload: String,
     pub jit_us: f64,
@@ -30,7 +30,7 @@ pub struct Engines {
     pub jit_mb_per_sec: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Overheads {
     pub verification: Vec<Verification>,
     pub engines: Vec<Engines>,

@@ -231,10 +231,19 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, p: &Pan
         .x_label_area_size(44)
         .y_label_area_size(70)
         // Headroom above the highest line for the legend.
-        .build_cartesian_2d(x0 - pad..x1 + pad, (y0 / 1.6..y1 * 12.0).log_scale())
+        .build_cartesian_2d(x0 - pad..x1 + pad, (y0 / 1.6..y1 * 6.0).log_scale())
         .map_err(plot_error)?;
+    // Depths, threads and workers are whole numbers: no ticks between them.
+    let whole = !p.x_log
+        && p.series
+            .iter()
+            .flat_map(|s| &s.points)
+            .all(|(x, _)| x.fract() == 0.0);
     let x_label = |v: &f64| {
         let x = if p.x_log { 10f64.powf(*v) } else { *v };
+        if whole && x.fract() != 0.0 {
+            return String::new();
+        }
         format!("{}", (x * 1000.0).round() / 1000.0)
     };
     chart

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::overheads::Overheads;
 use crate::{Plan, lookups, rmw, scans, setup};
@@ -13,7 +13,7 @@ use crate::{Plan, lookups, rmw, scans, setup};
 const BEGIN: &str = "<!-- bench:begin -->";
 const END: &str = "<!-- bench:end -->";
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Results {
     pub machine: String,
     pub date: String,
@@ -27,7 +27,7 @@ pub struct Results {
 }
 
 /// A target of the benchmark issue and what this run measured against it.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Target {
     pub what: String,
     pub want: String,
@@ -94,6 +94,37 @@ impl Results {
         )
     }
 
+    /// From which depth offload beats one `pread` per level through the mount.
+    fn crossover(&self, device_us: u64) -> String {
+        use lookups::Way;
+        let speedup = |d| {
+            Some(
+                self.lookup_us(device_us, d, Way::MountDirect)?
+                    / self.lookup_us(device_us, d, Way::Offload)?,
+            )
+        };
+        let depths = 1..=self.plan.max_depth;
+        let wins: Vec<usize> = depths
+            .clone()
+            .filter(|&d| speedup(d).is_some_and(|x| x > 1.0))
+            .collect();
+        let deepest = speedup(self.plan.max_depth).unwrap_or(0.0);
+        match wins.first() {
+            None => format!(
+                "Offload is not faster than preads via the mount at any depth (at depth {}: {deepest:.2}×).",
+                self.plan.max_depth
+            ),
+            Some(&first) if wins.len() == depths.count() + 1 - first => format!(
+                "Offload is faster than preads via the mount from depth {first} on ({deepest:.2}× at depth {}).",
+                self.plan.max_depth
+            ),
+            Some(_) => format!(
+                "Offload is faster than preads via the mount at depths {wins:?} ({deepest:.2}× at depth {}).",
+                self.plan.max_depth
+            ),
+        }
+    }
+
     /// Computes the targets once everything is measured.
     pub fn finish(&mut self) {
         use lookups::Way;
@@ -143,6 +174,32 @@ impl Results {
                 measured: format!("{gbs:.2} GB/s"),
                 met: gbs >= 1.0,
             });
+        }
+        if let Some(o) = &self.overheads {
+            let slowest = o.verification.iter().max_by(|a, b| a.ms.total_cmp(&b.ms));
+            if let Some(v) = slowest {
+                targets.push(Target {
+                    what: "verification time, slowest example program".into(),
+                    want: "< 50 ms".into(),
+                    measured: format!("{:.1} ms ({})", v.ms, v.program),
+                    met: v.ms < 50.0,
+                });
+            }
+            targets.push(Target {
+                what: "setting up a run (JIT)".into(),
+                want: "< 1 µs".into(),
+                measured: format!("{:.0} ns", o.setup_ns_jit),
+                met: o.setup_ns_jit < 1000.0,
+            });
+            if let Some(scan) = o.engines.iter().find(|e| e.jit_mb_per_sec.is_some()) {
+                let ratio = scan.interpreter_us / scan.jit_us;
+                targets.push(Target {
+                    what: format!("JIT / interpreter, {}", scan.workload),
+                    want: "≥ 100×".into(),
+                    measured: format!("{ratio:.0}×"),
+                    met: ratio >= 100.0,
+                });
+            }
         }
         self.targets = targets;
     }
@@ -227,7 +284,7 @@ impl Results {
                     cell(device_us, d, Way::HostDirect),
                 );
             }
-            s.push('\n');
+            let _ = writeln!(s, "\n{}\n", self.crossover(device_us));
         }
         let _ = writeln!(
             s,

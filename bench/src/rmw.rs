@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use anyhow::{Result, bail};
 use nearfs_client::Run;
 use nearfs_client::layouts::{Rng, kv};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Plan;
 use crate::measure::{self, Stats};
@@ -18,7 +18,7 @@ use crate::setup::{self, Mounted, Work};
 /// Records in the file; workers pick one at random for each increment.
 const SLOTS: u64 = 256;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Way {
     /// One RUN ioctl with write intent.
     Offload,
@@ -36,7 +36,7 @@ impl Way {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub way: Way,
     /// Workers, each with its own open file description (as separate processes have).

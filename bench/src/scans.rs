@@ -7,7 +7,7 @@ use std::io::Read;
 use anyhow::{Result, bail};
 use nearfs_client::Run;
 use nearfs_client::layouts::{Rng, records};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Plan;
 use crate::measure::{self, Stats};
@@ -18,7 +18,7 @@ const VALUES: u64 = 1_000_000;
 /// What the application reads at a time.
 const CHUNK: usize = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Way {
     /// `filter.c`: the aggregate (32 bytes) comes back.
     OffloadAggregate,
@@ -45,7 +45,7 @@ impl Way {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub selectivity: f64,
     pub way: Way,
