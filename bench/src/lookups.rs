@@ -149,19 +149,9 @@ pub fn measure(
     trees: &mut [Tree],
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    let objects = work.root.join("objects");
-    std::fs::create_dir_all(&objects)?;
     let probe = File::open(m.path(&trees[0].name))?;
-    let lookup = nearfs_client::load(
-        &probe,
-        &setup::compile(&setup::source_dir("../bpf-progs/btree.c"), &objects)?,
-        None,
-    )?;
-    let null = nearfs_client::load(
-        &probe,
-        &setup::compile(&setup::source_dir("progs/null.c"), &objects)?,
-        None,
-    )?;
+    let lookup = work.load(&probe, "../bpf-progs/btree.c")?;
+    let null = work.load(&probe, "progs/null.c")?;
     let image = FileDevice::open(
         &work.image,
         OpenOptions {

@@ -156,7 +156,7 @@ fn measure(args: &Args) -> Result<report::Results> {
         }
     }
     eprintln!("==> runtime overheads");
-    r.overheads = Some(overheads::measure(plan.batch, &work.root.join("objects"))?);
+    r.overheads = Some(overheads::measure(plan.batch, &work.objects)?);
     r.seconds = started.elapsed().as_secs_f64();
     r.finish();
     Ok(r)

@@ -92,7 +92,6 @@ impl MemFile {
 }
 
 pub fn measure(batch: Duration, objects: &std::path::Path) -> Result<Overheads> {
-    std::fs::create_dir_all(objects)?;
     let mut sources: Vec<_> = std::fs::read_dir(setup::source_dir("../bpf-progs"))?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;

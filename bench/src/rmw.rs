@@ -69,14 +69,8 @@ pub fn measure(plan: &Plan, work: &Work, m: &Mounted, rows: &mut Vec<Row>) -> Re
     let path = m.path("counters.kv");
     let data: Vec<u8> = (0..SLOTS).flat_map(|s| kv::record(&key(s), 0)).collect();
     std::fs::write(&path, &data)?;
-    let objects = work.root.join("objects");
-    std::fs::create_dir_all(&objects)?;
     let file = setup::open(&path, false, true)?;
-    let prog = nearfs_client::load(
-        &file,
-        &setup::compile(&setup::source_dir("../bpf-progs/kv_increment.c"), &objects)?,
-        None,
-    )?;
+    let prog = work.load(&file, "../bpf-progs/kv_increment.c")?;
     for way in [Way::Offload, Way::ReadWrite] {
         for &workers in &plan.rmw_workers {
             let before = total(&file)?;

@@ -65,19 +65,9 @@ pub fn measure(plan: &Plan, work: &Work, m: &Mounted, rows: &mut Vec<Row>) -> Re
     let (on_mount, on_host) = (m.path("records.bin"), work.host.join("records.bin"));
     std::fs::write(&on_mount, &data)?;
     std::fs::write(&on_host, &data)?;
-    let objects = work.root.join("objects");
-    std::fs::create_dir_all(&objects)?;
     let file = File::open(&on_mount)?;
-    let filter = nearfs_client::load(
-        &file,
-        &setup::compile(&setup::source_dir("../bpf-progs/filter.c"), &objects)?,
-        None,
-    )?;
-    let select = nearfs_client::load(
-        &file,
-        &setup::compile(&setup::source_dir("progs/select.c"), &objects)?,
-        None,
-    )?;
+    let filter = work.load(&file, "../bpf-progs/filter.c")?;
+    let select = work.load(&file, "progs/select.c")?;
     for &selectivity in &plan.selectivities {
         let (lo, hi) = (0, ((selectivity * VALUES as f64) as u64).max(1) - 1);
         let want = records::aggregate(&data, lo, hi);

@@ -10,14 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use nearfs_client::ProgId;
 
 /// Where the harness works: `image` is the nearfs device, `mnt` its mount point, `host` a
-/// directory of the host filesystem holding copies of the benchmark files.
+/// directory of the host filesystem holding copies of the benchmark files, `objects` the
+/// compiled programs.
 pub struct Work {
     pub root: PathBuf,
     pub image: PathBuf,
     pub mnt: PathBuf,
     pub host: PathBuf,
+    pub objects: PathBuf,
     nearfs: PathBuf,
 }
 
@@ -31,11 +34,13 @@ impl Work {
             image: root.join("disk.img"),
             mnt: root.join("mnt"),
             host: root.join("host"),
+            objects: root.join("objects"),
             root,
             nearfs: sibling_binary("nearfs")?,
         };
         std::fs::create_dir_all(&work.mnt)?;
         std::fs::create_dir_all(&work.host)?;
+        std::fs::create_dir_all(&work.objects)?;
         let out = Command::new(&work.nearfs)
             .arg("mkfs")
             .arg(&work.image)
@@ -61,6 +66,12 @@ impl Work {
             bail!("nearfs mount: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(Mounted { work: self })
+    }
+
+    /// Compiles `source` (relative to this crate) and loads it through `file`'s mount.
+    pub fn load(&self, file: &File, source: &str) -> Result<ProgId> {
+        let object = compile(&source_dir(source), &self.objects)?;
+        nearfs_client::load(file, &object, None).with_context(|| format!("loading {source}"))
     }
 }
 
