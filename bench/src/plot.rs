@@ -125,19 +125,12 @@ fn lookup_throughput(r: &Results) -> Vec<Panel> {
 }
 
 fn scan(r: &Results) -> Panel {
-    let ways = [
-        scans::Way::OffloadAggregate,
-        scans::Way::OffloadSelect,
-        scans::Way::MountRead,
-        scans::Way::MountCached,
-        scans::Way::HostCached,
-    ];
     Panel {
         title: format!("scan of {} MiB of 16-byte records", r.plan.scan_bytes >> 20),
         x_desc: "selectivity (%)",
         y_desc: "GB/s of file scanned",
         x_log: true,
-        series: ways
+        series: scans::Way::ALL
             .iter()
             .map(|&way| Series {
                 name: way.label().into(),

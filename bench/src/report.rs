@@ -328,13 +328,7 @@ impl Results {
     }
 
     fn scan_table(&self, s: &mut String, img: &dyn Fn(&str) -> String) {
-        let ways = [
-            scans::Way::OffloadAggregate,
-            scans::Way::OffloadSelect,
-            scans::Way::MountRead,
-            scans::Way::MountCached,
-            scans::Way::HostCached,
-        ];
+        let ways = scans::Way::ALL;
         let _ = writeln!(
             s,
             "\n### Scans\n\nGB/s of file scanned (median of {} runs); in brackets, the bytes that crossed into \

@@ -34,6 +34,14 @@ pub enum Way {
 }
 
 impl Way {
+    pub const ALL: [Way; 5] = [
+        Way::OffloadAggregate,
+        Way::OffloadSelect,
+        Way::MountRead,
+        Way::MountCached,
+        Way::HostCached,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Way::OffloadAggregate => "offload, aggregate returned",
@@ -72,13 +80,7 @@ pub fn measure(plan: &Plan, work: &Work, m: &Mounted, rows: &mut Vec<Row>) -> Re
         let (lo, hi) = (0, ((selectivity * VALUES as f64) as u64).max(1) - 1);
         let want = records::aggregate(&data, lo, hi);
         let arg = records::arg(lo, hi);
-        for way in [
-            Way::OffloadAggregate,
-            Way::OffloadSelect,
-            Way::MountRead,
-            Way::MountCached,
-            Way::HostCached,
-        ] {
+        for way in Way::ALL {
             let mut returned = 0;
             let mut check = |got: [u64; 4], bytes: u64| -> Result<()> {
                 if got != want {
