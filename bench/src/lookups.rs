@@ -80,6 +80,9 @@ pub struct Row {
     pub way: Way,
     pub threads: usize,
     pub stats: Stats,
+    /// For ways that run appcode: the daemon's mean time per run (`run_ns` of
+    /// `user.nearfs.stats`), µs; the rest of a run's latency is the crossing.
+    pub daemon_us: Option<f64>,
 }
 
 /// A tree of one depth, on the mount and as a host copy.
@@ -250,13 +253,27 @@ pub fn measure(
                     }
                     Ok(())
                 };
+                let runs = matches!(way, Way::Offload | Way::NullRun);
+                let before = if runs {
+                    setup::run_stats(&path)?
+                } else {
+                    (0, 0)
+                };
                 let stats = measure::threads(threads, plan.cell, setup, op)?;
+                let daemon_us = if runs {
+                    let after = setup::run_stats(&path)?;
+                    let n = after.0.saturating_sub(before.0).max(1);
+                    Some(after.1.saturating_sub(before.1) as f64 / n as f64 / 1e3)
+                } else {
+                    None
+                };
                 rows.push(Row {
                     device_us,
                     depth: if way.per_depth() { tree.depth } else { 0 },
                     way,
                     threads,
                     stats,
+                    daemon_us,
                 });
             }
         }

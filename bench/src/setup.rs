@@ -222,43 +222,57 @@ pub struct Extent {
     pub len: u64,
 }
 
-/// The device extents of a file on a nearfs mount.
-pub fn extents(path: &Path) -> Result<Vec<Extent>> {
-    let name = CString::new(path.as_os_str().as_bytes())?;
+/// An extended attribute of `path`, as text.
+pub fn xattr(path: &Path, name: &str) -> Result<String> {
+    let cpath = CString::new(path.as_os_str().as_bytes())?;
+    let cname = CString::new(name)?;
     let mut value = vec![0u8; 1 << 16];
     // SAFETY: both strings are NUL-terminated and `value` is writable for its length.
     let n = unsafe {
         libc::getxattr(
-            name.as_ptr(),
-            c"user.nearfs.extents".as_ptr(),
+            cpath.as_ptr(),
+            cname.as_ptr(),
             value.as_mut_ptr().cast(),
             value.len(),
         )
     };
     if n < 0 {
         return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("user.nearfs.extents of {}", path.display()));
+            .with_context(|| format!("{name} of {}", path.display()));
     }
-    parse_extents(&String::from_utf8_lossy(&value[..n as usize]))
+    Ok(String::from_utf8_lossy(&value[..n as usize]).into_owned())
+}
+
+/// The device extents of a file on a nearfs mount.
+pub fn extents(path: &Path) -> Result<Vec<Extent>> {
+    parse_extents(&xattr(path, "user.nearfs.extents")?)
+}
+
+/// Offload runs on a file so far and the daemon's time on them (`user.nearfs.stats`).
+pub fn run_stats(path: &Path) -> Result<(u64, u64)> {
+    let stats = xattr(path, "user.nearfs.stats")?;
+    Ok((number(&stats, "runs=")?, number(&stats, "run_ns=")?))
+}
+
+/// The number after `key` (e.g. `"runs="`) among the words of `text`.
+fn number(text: &str, key: &str) -> Result<u64> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no {key} in {text:?}"))?
+        .parse()
+        .with_context(|| format!("{key} in {text:?}"))
 }
 
 /// `file=OFFSET dev=OFFSET len=BYTES written|unwritten` entries separated by `; `.
 fn parse_extents(text: &str) -> Result<Vec<Extent>> {
-    let field = |e: &str, key: &str| -> Result<u64> {
-        e.split_whitespace()
-            .find_map(|f| f.strip_prefix(key))
-            .with_context(|| format!("no {key} in extent {e:?}"))?
-            .parse()
-            .with_context(|| format!("extent {e:?}"))
-    };
     text.split(';')
         .map(str::trim)
         .filter(|e| !e.is_empty())
         .map(|e| {
             Ok(Extent {
-                file: field(e, "file=")?,
-                dev: field(e, "dev=")?,
-                len: field(e, "len=")?,
+                file: number(e, "file=")?,
+                dev: number(e, "dev=")?,
+                len: number(e, "len=")?,
             })
         })
         .collect()

@@ -7,7 +7,7 @@
 //!   each `file=OFFSET dev=OFFSET len=BYTES STATE` with STATE `written` or `unwritten`;
 //!   empty for a file without blocks.
 //! - `user.nearfs.stats` (regular files): offload counters since mount: `runs failures
-//!   hops device_bytes bytes_returned insns`.
+//!   hops device_bytes bytes_returned insns run_ns`.
 //! - `user.nearfs.fs` (root directory): filesystem facts.
 //! - `user.nearfs.programs` (root directory): the loaded programs, separated by `; `, each
 //!   `id name owner insns max_insns verify_states verify_us`.

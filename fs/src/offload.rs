@@ -62,6 +62,9 @@ pub struct FileStats {
     pub device_bytes: u64,
     pub bytes_returned: u64,
     pub insns: u64,
+    /// Time the daemon spent on runs, from a RUN request's arrival here to its reply
+    /// (access checks, waiting for the lock, reads and execution; not the FUSE crossing).
+    pub run_ns: u64,
 }
 
 struct Loaded {
@@ -431,6 +434,7 @@ impl Offload {
 
     /// Runs a program; returns the file ranges it wrote.
     fn run(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<Vec<std::ops::Range<u64>>, Errno> {
+        let started = Instant::now();
         let flags = b.u32_at(off::FLAGS);
         if flags & !abi::RUN_WRITE != 0 {
             return Err(bad());
@@ -491,6 +495,7 @@ impl Offload {
             .map_err(|e| errno(&e))??;
         let mut stats = self.stats.entry(caller.ino.0).or_default();
         stats.runs += 1;
+        stats.run_ns += started.elapsed().as_nanos() as u64;
         match outcome {
             Ok(out) => {
                 stats.hops += out.costs.hops;
@@ -568,8 +573,8 @@ impl Offload {
     pub fn file_stats(&self, ino: Ino) -> String {
         let s = self.stats.get(&ino.0).map(|s| *s).unwrap_or_default();
         format!(
-            "runs={} failures={} hops={} device_bytes={} bytes_returned={} insns={}",
-            s.runs, s.failures, s.hops, s.device_bytes, s.bytes_returned, s.insns
+            "runs={} failures={} hops={} device_bytes={} bytes_returned={} insns={} run_ns={}",
+            s.runs, s.failures, s.hops, s.device_bytes, s.bytes_returned, s.insns, s.run_ns
         )
     }
 
