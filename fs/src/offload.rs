@@ -62,7 +62,7 @@ pub struct FileStats {
     pub device_bytes: u64,
     pub bytes_returned: u64,
     pub insns: u64,
-    /// Time the daemon spent on runs, from a RUN request's arrival here to its reply
+    /// Time the daemon spent on runs, from a RUN request's arrival here to the end of the run
     /// (access checks, waiting for the lock, reads and execution; not the FUSE crossing).
     pub run_ns: u64,
 }
