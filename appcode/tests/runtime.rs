@@ -119,6 +119,45 @@ fn btree_lookups_agree_with_a_map_at_every_depth() {
 }
 
 #[test]
+fn btree_batch_answers_every_key_as_single_lookups_do() {
+    let mut rng = Rng(13);
+    let pairs: Vec<(u64, u64)> = (0..20_000u64)
+        .map(|i| (i * 10 + 1, rng.below(1 << 60)))
+        .collect();
+    for fill in [3usize, 40, 255] {
+        let (bytes, depth) = btree::build(&pairs, fill);
+        let file = TestFile::new(&bytes);
+        // Present and absent keys, the most one argument holds (128).
+        let keys: Vec<u64> = (0..128)
+            .map(|i| match i % 4 {
+                3 => rng.below(200_010),
+                _ => pairs[rng.below(pairs.len() as u64) as usize].0,
+            })
+            .collect();
+        let read = |n: &mut [u8], at: u64| {
+            n.copy_from_slice(&bytes[at as usize..at as usize + n.len()]);
+            Ok(())
+        };
+        let want: Vec<u64> = keys
+            .iter()
+            .map(|&k| btree::lookup(read, k).unwrap().unwrap_or(u64::MAX))
+            .collect();
+        for mode in MODES {
+            let p = load("btree_batch.c", "btree_batch", mode);
+            let out = run_with(&p, file.world(false), &u64s(&keys));
+            assert_eq!(out.result, keys.len() as u64, "{mode:?} fill {fill}");
+            assert_eq!(
+                nearfs_client::layouts::words(&out.output),
+                want,
+                "{mode:?} fill {fill}"
+            );
+            // Every key walks from the root: at most `depth` nodes each.
+            assert!(out.costs.hops < (keys.len() * depth) as u64);
+        }
+    }
+}
+
+#[test]
 fn filter_aggregates_what_a_loop_over_the_records_does() {
     let mut rng = Rng(3);
     let recs: Vec<(u64, u64)> = (0..10_001).map(|i| (i, rng.below(1_000_000))).collect();

@@ -19,12 +19,17 @@ use crate::setup::{self, Aligned, Mounted, Work};
 
 /// Lookups each thread draws its keys from.
 const SAMPLES: usize = 4096;
+/// Keys per RUN of `btree_batch.c`.
+pub const BATCH: usize = 64;
 
 /// How a lookup (or its floor) is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Way {
     /// One RUN ioctl of `btree.c`: the daemon reads each node and calls the program again.
     Offload,
+    /// One RUN of `btree_batch.c` for [`BATCH`] keys, whose crossing they share; its
+    /// figures are per key.
+    OffloadBatch,
     /// One `pread` per level through the mount, opened O_DIRECT: each is a FUSE round trip.
     MountDirect,
     /// The same with the nodes in the kernel's page cache: no round trip at all.
@@ -46,6 +51,7 @@ impl Way {
     pub fn label(self) -> &'static str {
         match self {
             Way::Offload => "offload (1 ioctl)",
+            Way::OffloadBatch => "offload, 64 keys per ioctl (per key)",
             Way::MountDirect => "preads via mount",
             Way::MountCached => "preads via mount, page cache",
             Way::HostCached => "preads on host fs, page cache",
@@ -65,7 +71,7 @@ impl Way {
     fn sees_device(self) -> bool {
         matches!(
             self,
-            Way::Offload | Way::MountDirect | Way::RawDevice | Way::NullRun
+            Way::Offload | Way::OffloadBatch | Way::MountDirect | Way::RawDevice | Way::NullRun
         )
     }
 }
@@ -154,6 +160,7 @@ pub fn measure(
 ) -> Result<()> {
     let probe = File::open(m.path(&trees[0].name))?;
     let lookup = work.load(&probe, "../bpf-progs/btree.c")?;
+    let batch = work.load(&probe, "../bpf-progs/btree_batch.c")?;
     let null = work.load(&probe, "progs/null.c")?;
     let image = FileDevice::open(
         &work.image,
@@ -181,6 +188,7 @@ pub fn measure(
 
     let ways = [
         Way::Offload,
+        Way::OffloadBatch,
         Way::MountDirect,
         Way::MountCached,
         Way::HostCached,
@@ -230,6 +238,7 @@ pub fn measure(
                             let run = Run::new(lookup).arg(&arg);
                             Some(nearfs_client::run(&s.file, &run)?.result)
                         }
+                        Way::OffloadBatch => return batch_run(&s.file, batch, tree, &mut s.rng),
                         Way::NullRun => return null_run(&s.file, null),
                         Way::VersionIoctl => {
                             nearfs_client::version(&s.file)?;
@@ -253,20 +262,24 @@ pub fn measure(
                     }
                     Ok(())
                 };
-                let runs = matches!(way, Way::Offload | Way::NullRun);
+                let runs = matches!(way, Way::Offload | Way::OffloadBatch | Way::NullRun);
                 let before = if runs {
                     setup::run_stats(&path)?
                 } else {
                     (0, 0)
                 };
-                let stats = measure::threads(threads, plan.cell, setup, op)?;
-                let daemon_us = if runs {
+                let mut stats = measure::threads(threads, plan.cell, setup, op)?;
+                let mut daemon_us = if runs {
                     let after = setup::run_stats(&path)?;
                     let n = after.0.saturating_sub(before.0).max(1);
                     Some(after.1.saturating_sub(before.1) as f64 / n as f64 / 1e3)
                 } else {
                     None
                 };
+                if way == Way::OffloadBatch {
+                    stats = stats.per_item(BATCH);
+                    daemon_us = daemon_us.map(|us| us / BATCH as f64);
+                }
                 rows.push(Row {
                     device_us,
                     depth: if way.per_depth() { tree.depth } else { 0 },
@@ -279,7 +292,29 @@ pub fn measure(
         }
     }
     nearfs_client::unload(&probe, lookup)?;
+    nearfs_client::unload(&probe, batch)?;
     nearfs_client::unload(&probe, null)?;
+    Ok(())
+}
+
+/// [`BATCH`] random lookups in one RUN, each answer checked.
+fn batch_run(file: &File, batch: ProgId, tree: &Tree, rng: &mut Rng) -> Result<()> {
+    let picks: Vec<usize> = (0..BATCH)
+        .map(|_| rng.below(tree.samples.len() as u64) as usize)
+        .collect();
+    let arg: Vec<u8> = picks
+        .iter()
+        .flat_map(|&i| tree.samples[i].0.to_le_bytes())
+        .collect();
+    let out = nearfs_client::run(file, &Run::new(batch).arg(&arg))?;
+    let got = nearfs_client::layouts::words(&out.output);
+    let want: Vec<u64> = picks.iter().map(|&i| tree.samples[i].1).collect();
+    if got != want {
+        bail!(
+            "btree_batch at depth {} answered {got:?}, not {want:?}",
+            tree.depth
+        );
+    }
     Ok(())
 }
 

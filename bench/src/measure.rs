@@ -20,6 +20,20 @@ pub struct Stats {
     pub ops: u64,
 }
 
+impl Stats {
+    /// The same measurement per item, for operations that each did `items` of something:
+    /// latencies divided, throughput multiplied.
+    pub fn per_item(self, items: usize) -> Stats {
+        let k = items as f64;
+        Stats {
+            median_us: self.median_us / k,
+            p99_us: self.p99_us / k,
+            ops_per_sec: self.ops_per_sec * k,
+            ..self
+        }
+    }
+}
+
 /// Runs `op` on `threads` threads at once for `time`, each with its own state from
 /// `setup(thread index)`. The first error stops the measurement and is returned.
 pub fn threads<S>(

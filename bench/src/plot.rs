@@ -49,8 +49,9 @@ pub fn all(r: &Results, out: &Path) -> Result<()> {
     draw(&out.join("rmw.png"), &[read_modify_write(r)])
 }
 
-const LOOKUP_WAYS: [lookups::Way; 5] = [
+const LOOKUP_WAYS: [lookups::Way; 6] = [
     lookups::Way::Offload,
+    lookups::Way::OffloadBatch,
     lookups::Way::MountDirect,
     lookups::Way::MountCached,
     lookups::Way::HostCached,
@@ -103,6 +104,7 @@ fn lookup_throughput(r: &Results) -> Vec<Panel> {
             x_log: false,
             series: [
                 lookups::Way::Offload,
+                lookups::Way::OffloadBatch,
                 lookups::Way::MountDirect,
                 lookups::Way::RawDevice,
             ]

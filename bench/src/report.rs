@@ -269,8 +269,8 @@ impl Results {
             let _ = writeln!(
                 s,
                 "**Device +{device_us} µs per access.**\n\n| depth | offload | in daemon | preads via mount | speedup | floor | \
-                 offload / floor | via mount, page cache | host fs, page cache | host fs, O_DIRECT |\n\
-                 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                 offload / floor | 64 keys per ioctl, per key | via mount, page cache | host fs, page cache | \
+                 host fs, O_DIRECT |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for d in 1..=self.plan.max_depth {
                 let ratio = |a: Option<f64>, b: Option<f64>| {
@@ -280,7 +280,7 @@ impl Results {
                 let offload = self.lookup_us(device_us, d, Way::Offload);
                 let _ = writeln!(
                     s,
-                    "| {d} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {d} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     cell(device_us, d, Way::Offload),
                     daemon(device_us, d, Way::Offload),
                     cell(device_us, d, Way::MountDirect),
@@ -288,6 +288,7 @@ impl Results {
                     self.floor_us(device_us, d)
                         .map_or("–".into(), |f| format!("{f:.1}")),
                     ratio(offload, self.floor_us(device_us, d)),
+                    cell(device_us, d, Way::OffloadBatch),
                     cell(device_us, d, Way::MountCached),
                     cell(device_us, d, Way::HostCached),
                     cell(device_us, d, Way::HostDirect),
@@ -318,7 +319,12 @@ impl Results {
             "---:|".repeat(self.plan.threads.len())
         );
         for &device_us in &self.plan.device_us {
-            for way in [Way::Offload, Way::MountDirect, Way::RawDevice] {
+            for way in [
+                Way::Offload,
+                Way::OffloadBatch,
+                Way::MountDirect,
+                Way::RawDevice,
+            ] {
                 let rates: Vec<String> = self
                     .plan
                     .threads
