@@ -24,8 +24,8 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(0, 158, 115),
     RGBColor(204, 121, 167),
     RGBColor(86, 180, 233),
-    RGBColor(0, 0, 0),
     RGBColor(230, 159, 0),
+    RGBColor(0, 0, 0),
 ];
 
 struct Series {
