@@ -496,6 +496,16 @@ mod tests {
     }
 
     #[test]
+    fn floats_read_back_exactly_so_replots_match() {
+        let mut x = 1.5667038103464825f64;
+        for _ in 0..10_000 {
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits());
+            x = x * 1.000_123_456_7 + 0.337;
+        }
+    }
+
+    #[test]
     fn sizes_read_as_people_write_them() {
         assert_eq!(bytes(32), "32 B");
         assert_eq!(bytes(3 << 10), "3.0 KiB");
