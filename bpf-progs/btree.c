@@ -11,20 +11,11 @@ NEARFS_PROG("btree_lookup") long btree_lookup(struct nearfs_ctx *ctx)
     const struct node *node = (const struct node *)(long)ctx->data;
     __u64 key = *(const __u64 *)(long)ctx->arg;
     __u64 count = node->count;
-    __u64 lo = 0, hi;
+    __u64 lo;
 
     if (count > FANOUT)
         return -1; /* not a node */
-    hi = count;
-    /* lo = number of keys <= key */
-    for (int k = 0; k < 8 && lo < hi; k++) {
-        __u64 mid = (lo + hi) / 2;
-
-        if (node->keys[mid] <= key)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
+    lo = btree_rank(node, count, key);
     if (lo == 0)
         return -1; /* smaller than every key */
     if (node->leaf)

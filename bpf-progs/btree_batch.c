@@ -17,7 +17,7 @@ NEARFS_PROG("btree_batch") long btree_batch(struct nearfs_ctx *ctx)
     __u64 n = ctx->arg_len / 8;
     __u64 i = *current;
     __u64 count = node->count;
-    __u64 lo = 0, hi, key, value = ~0ULL;
+    __u64 lo, key, value = ~0ULL;
 
     if (n > MAX_KEYS)
         n = MAX_KEYS;
@@ -26,16 +26,7 @@ NEARFS_PROG("btree_batch") long btree_batch(struct nearfs_ctx *ctx)
     if (count > FANOUT)
         return -1; /* not a node */
     key = keys[i];
-    hi = count;
-    /* lo = number of keys <= key */
-    for (int k = 0; k < 8 && lo < hi; k++) {
-        __u64 mid = (lo + hi) / 2;
-
-        if (node->keys[mid] <= key)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
+    lo = btree_rank(node, count, key);
     if (lo > 0 && !node->leaf)
         return nearfs_next(ctx, ctx->range_start + node->vals[lo - 1]);
     if (lo > 0 && node->keys[lo - 1] == key)

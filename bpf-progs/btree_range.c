@@ -18,16 +18,8 @@ NEARFS_PROG("btree_range") long btree_range(struct nearfs_ctx *ctx)
         return -1; /* not a node */
     if (!node->leaf) {
         /* The child holding lo: the last whose first key is <= lo (or the first). */
-        __u64 l = 0, h = count;
+        __u64 l = btree_rank(node, count, lo);
 
-        for (int k = 0; k < 8 && l < h; k++) {
-            __u64 mid = (l + h) / 2;
-
-            if (node->keys[mid] <= lo)
-                l = mid + 1;
-            else
-                h = mid;
-        }
         if (count == 0)
             return -1;
         return nearfs_next(ctx, ctx->range_start + node->vals[l > 0 ? l - 1 : 0]);

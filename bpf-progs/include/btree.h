@@ -17,4 +17,21 @@ struct node {
     __u64 vals[FANOUT];
 };
 
+/* How many of the node's first count keys are <= key (count <= FANOUT): a binary search of
+ * at most 8 steps, a bound the verifier sees. */
+static inline __u64 btree_rank(const struct node *node, __u64 count, __u64 key)
+{
+    __u64 lo = 0, hi = count;
+
+    for (int k = 0; k < 8 && lo < hi; k++) {
+        __u64 mid = (lo + hi) / 2;
+
+        if (node->keys[mid] <= key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 #endif
