@@ -43,7 +43,7 @@ pub mod ctx {
 /// `ctx->next` when the program does not ask for another hop.
 pub const NO_NEXT: u64 = u64::MAX;
 
-/// Helper ids (the `imm` of `call`), their prototypes in [`prototype`].
+/// Helper ids (the `imm` of `call`); names, prototypes and costs are in [`crate::helpers`].
 pub mod helper {
     /// `long nearfs_read(u64 off, void *dst, u64 len)`: file bytes at `off` into program memory.
     pub const READ: i32 = 1;
@@ -58,49 +58,6 @@ pub mod helper {
     /// (`start` is a number, not a moved pointer, so that the verifier can bound `hay`.)
     pub const MEMMEM: i32 = 5;
 }
-
-/// What a helper argument must be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arg {
-    /// Any initialised number.
-    Scalar,
-    /// A pointer the helper reads `len` bytes from; `len` is argument number `.0` (1-based).
-    ReadMem(u8),
-    /// A pointer the helper writes `len` bytes to; `len` is argument number `.0`.
-    WriteMem(u8),
-    /// A byte count, bounded by the memory argument that names it.
-    Len,
-}
-
-/// A helper's name and arguments.
-#[derive(Clone, Copy, Debug)]
-pub struct Prototype {
-    pub name: &'static str,
-    pub args: &'static [Arg],
-}
-
-/// The prototype of helper `id`, if there is one.
-pub fn prototype(id: i32) -> Option<Prototype> {
-    use Arg::*;
-    let (name, args): (&str, &'static [Arg]) = match id {
-        helper::READ => ("nearfs_read", &[Scalar, WriteMem(3), Len]),
-        helper::WRITE => ("nearfs_write", &[Scalar, ReadMem(3), Len]),
-        helper::EMIT => ("nearfs_emit", &[ReadMem(2), Len]),
-        helper::MEMCMP => ("nearfs_memcmp", &[ReadMem(3), ReadMem(3), Len]),
-        helper::MEMMEM => ("nearfs_memmem", &[ReadMem(2), Len, Scalar, ReadMem(5), Len]),
-        _ => return None,
-    };
-    Some(Prototype { name, args })
-}
-
-/// Helper ids, for registering them with an engine.
-pub const HELPERS: [i32; 5] = [
-    helper::READ,
-    helper::WRITE,
-    helper::EMIT,
-    helper::MEMCMP,
-    helper::MEMMEM,
-];
 
 /// Errors helpers return to the program, as negative numbers (Linux errno values).
 pub mod errno {

@@ -8,7 +8,7 @@
 //! Relocation semantics follow libbpf: a call to a section symbol targets slot
 //! `symbol offset / 8 + imm + 1` of that section.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use object::elf::{R_BPF_64_32, R_BPF_64_64};
@@ -22,6 +22,10 @@ use crate::insn::{self, CALL_LOCAL, INSN_SIZE, Insn, class, jmp};
 pub const PROGRAM_PREFIX: &str = "nearfs/";
 /// Largest linked program, in instruction slots.
 pub const MAX_INSNS: usize = 1 << 16;
+/// Most sections an object may have.
+pub const MAX_SECTIONS: usize = 1024;
+/// Most global sections (`.rodata*`) the programs of one object may refer to.
+pub const MAX_GLOBALS: usize = 64;
 
 /// Why an object cannot be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +41,10 @@ pub enum LoadError {
     Ragged { section: String },
     /// A linked program longer than [`MAX_INSNS`].
     TooLarge { section: String, insns: usize },
+    /// More sections than [`MAX_SECTIONS`].
+    TooManySections { sections: usize },
+    /// References to more global sections than [`MAX_GLOBALS`].
+    TooManyGlobals,
     /// A relocation nearfs does not know how to apply.
     BadRelocation {
         section: String,
@@ -66,6 +74,14 @@ impl fmt::Display for LoadError {
                     "{section}: {insns} instructions linked; the limit is {MAX_INSNS}"
                 )
             }
+            LoadError::TooManySections { sections } => write!(
+                f,
+                "{sections} sections; an object may have at most {MAX_SECTIONS}"
+            ),
+            LoadError::TooManyGlobals => write!(
+                f,
+                "references to more than {MAX_GLOBALS} global sections; merge the constants"
+            ),
             LoadError::BadRelocation { section, insn, why } => {
                 write!(f, "{section}, insn {insn}: {why}")
             }
@@ -85,11 +101,22 @@ pub struct Region {
     pub writable: bool,
 }
 
+/// Which global section of an object: an index into [`Loaded::regions`], carried unchanged
+/// from loading through verification to binding (only the loader makes one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GlobalId(usize);
+
+impl GlobalId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// An `lddw` that must load the address of `offset` bytes into region `region`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataRef {
     pub insn: usize,
-    pub region: usize,
+    pub region: GlobalId,
     pub offset: u64,
 }
 
@@ -145,7 +172,11 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
         return Err(LoadError::NotBpf);
     }
     let mut loaded = Loaded::default();
-    let mut region_of: HashMap<SectionIndex, usize> = HashMap::new();
+    let sections = file.sections().count();
+    if sections > MAX_SECTIONS {
+        return Err(LoadError::TooManySections { sections });
+    }
+    let mut region_of: HashMap<SectionIndex, GlobalId> = HashMap::new();
     let line_info = btf_lines(&file).unwrap_or_default();
     let text = file.section_by_name(".text").filter(|s| s.size() > 0);
     for section in file.sections() {
@@ -161,6 +192,7 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
             loaded: &mut loaded,
             region_of: &mut region_of,
             data_refs: Vec::new(),
+            relocated: HashSet::new(),
         };
         let mut insns = code(&section)?;
         let mut bases = vec![(section.index(), 0usize)];
@@ -207,8 +239,10 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
 struct Linker<'a, 'd, 'f> {
     file: &'f object::File<'d>,
     loaded: &'a mut Loaded,
-    region_of: &'a mut HashMap<SectionIndex, usize>,
+    region_of: &'a mut HashMap<SectionIndex, GlobalId>,
     data_refs: Vec<DataRef>,
+    /// Slots already relocated: one relocation per instruction.
+    relocated: HashSet<usize>,
 }
 
 impl Linker<'_, '_, '_> {
@@ -230,6 +264,9 @@ impl Linker<'_, '_, '_> {
             };
             if offset % INSN_SIZE as u64 != 0 || at >= insns.len() {
                 return Err(bad("relocation is not at an instruction".into()));
+            }
+            if !self.relocated.insert(at) {
+                return Err(bad("two relocations on one instruction".into()));
             }
             let RelocationFlags::Elf { r_type } = rel.flags() else {
                 return Err(bad("not an ELF relocation".into()));
@@ -270,12 +307,18 @@ impl Linker<'_, '_, '_> {
                     if !insns[at].is_lddw() || at + 1 >= insns.len() {
                         return Err(bad("data relocation on something other than lddw".into()));
                     }
+                    if !self.region_of.contains_key(&target_sec)
+                        && self.loaded.regions.len() >= MAX_GLOBALS
+                    {
+                        return Err(LoadError::TooManyGlobals);
+                    }
                     let region = self.region(target_sec).map_err(&bad)?;
                     let addend = u64::from(insns[at].imm as u32);
-                    let offset = sym.address() + addend;
-                    if offset > self.loaded.regions[region].bytes.len() as u64 {
+                    let offset = sym.address().checked_add(addend);
+                    let size = self.loaded.regions[region.index()].bytes.len() as u64;
+                    let Some(offset) = offset.filter(|&o| o <= size) else {
                         return Err(bad("reference past the end of its section".into()));
-                    }
+                    };
                     insns[at].imm = 0;
                     insns[at + 1].imm = 0;
                     self.data_refs.push(DataRef {
@@ -291,7 +334,7 @@ impl Linker<'_, '_, '_> {
     }
 
     /// The region for a data section, created on first use.
-    fn region(&mut self, index: SectionIndex) -> Result<usize, String> {
+    fn region(&mut self, index: SectionIndex) -> Result<GlobalId, String> {
         if let Some(&r) = self.region_of.get(&index) {
             return Ok(r);
         }
@@ -306,6 +349,13 @@ impl Linker<'_, '_, '_> {
                 "reference into section {name:?}; globals must live in .rodata, .data or .bss"
             ));
         }
+        if sec.size() > crate::memory::MAX_GLOBALS as u64 {
+            return Err(format!(
+                "section {name:?} has {} bytes; globals may have {} in all",
+                sec.size(),
+                crate::memory::MAX_GLOBALS
+            ));
+        }
         let bytes = if name.starts_with(".bss") {
             vec![0; sec.size() as usize]
         } else {
@@ -316,7 +366,7 @@ impl Linker<'_, '_, '_> {
             bytes,
             writable,
         });
-        let r = self.loaded.regions.len() - 1;
+        let r = GlobalId(self.loaded.regions.len() - 1);
         self.region_of.insert(index, r);
         Ok(r)
     }

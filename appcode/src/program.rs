@@ -1,15 +1,19 @@
-//! Programs: load → inline → verify → bind globals → rewrite → compile, then run many times.
+//! Programs: load → inline → verify → sanitize → bind globals → compile, then run many
+//! times, each run a loop of invocations over the windows a chain asks for.
 
+use std::cell::RefCell;
 use std::fmt;
 
+use crate::abi::{self, NO_NEXT, ctx};
 use crate::disasm;
 use crate::elf::{self, Linked, Loaded};
-use crate::exec::{Engine, Mode};
+use crate::engine::{Compiled, Engine, Mode, Rbpf};
 use crate::inline::{self, InlineError};
 use crate::insn::{self, Insn};
+use crate::memory::{Addressing, Area, Arena, Globals, guest};
 use crate::rewrite::{self, RewriteError};
-use crate::run::{self, Outcome, Request, RunError, World};
-use crate::verify::{self, Budget, Globals, Rejection, Verified};
+use crate::run::{Outcome, Request, Run, RunError, SLICE, World};
+use crate::verify::{self, Budget, Checks, Rejection, Verified};
 
 /// Why a program cannot be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +33,11 @@ pub enum ProgramError {
     /// The verifier's verdict, with where and why.
     Rejected(Box<Diagnostic>),
     Rewrite(RewriteError),
-    /// rbpf refused the verified program (a bug in nearfs).
+    /// The read-only globals are larger than `memory::MAX_GLOBALS` together.
+    GlobalsTooLarge {
+        bytes: usize,
+    },
+    /// The engine could not compile the verified program.
     Engine(String),
 }
 
@@ -48,6 +56,11 @@ impl fmt::Display for ProgramError {
             ),
             ProgramError::Rejected(d) => write!(f, "rejected: {d}"),
             ProgramError::Rewrite(e) => write!(f, "{e}"),
+            ProgramError::GlobalsTooLarge { bytes } => write!(
+                f,
+                "{bytes} bytes of read-only globals; a program may have {}",
+                crate::memory::MAX_GLOBALS
+            ),
             ProgramError::Engine(e) => write!(f, "the engine refused the program: {e}"),
         }
     }
@@ -77,6 +90,23 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// How to build a program: the engine, and which verifier checks are in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub mode: Mode,
+    /// All on except in tests (see [`Checks`]).
+    pub checks: Checks,
+}
+
+impl From<Mode> for Options {
+    fn from(mode: Mode) -> Options {
+        Options {
+            mode,
+            checks: Checks::default(),
+        }
+    }
+}
+
 /// A verified, compiled program, runnable concurrently from many threads.
 pub struct Program {
     name: String,
@@ -84,8 +114,8 @@ pub struct Program {
     insns: Vec<Insn>,
     verified: Verified,
     mode: Mode,
-    /// Read-only globals; the compiled code holds their addresses.
-    _globals: Vec<Box<[u8]>>,
+    /// Read-only globals; compiled code refers to them.
+    globals: Globals,
     engine: Engine,
 }
 
@@ -94,10 +124,15 @@ impl fmt::Debug for Program {
         f.debug_struct("Program")
             .field("name", &self.name)
             .field("insns", &self.insns.len())
-            .field("verified", &self.verified)
+            .field("max_insns", &self.verified.max_insns)
             .field("mode", &self.mode)
             .finish()
     }
+}
+
+thread_local! {
+    /// Each thread reuses one arena, so starting a run allocates nothing.
+    static ARENA: RefCell<Arena> = RefCell::new(Arena::new());
 }
 
 impl Program {
@@ -105,50 +140,82 @@ impl Program {
     pub fn from_elf(
         object: &[u8],
         name: Option<&str>,
-        mode: Mode,
+        options: impl Into<Options>,
     ) -> Result<Program, ProgramError> {
         let loaded = elf::load(object).map_err(ProgramError::Elf)?;
         let linked = pick(&loaded, name)?;
-        Program::from_linked(linked, &loaded, mode)
+        Program::from_linked(linked, &loaded, options.into())
     }
 
     /// Loads a program from raw instructions (no globals, no line info).
-    pub fn from_insns(name: &str, insns: &[Insn], mode: Mode) -> Result<Program, ProgramError> {
+    pub fn from_insns(
+        name: &str,
+        insns: &[Insn],
+        options: impl Into<Options>,
+    ) -> Result<Program, ProgramError> {
         let linked = Linked {
             name: name.to_string(),
             insns: insns.to_vec(),
             data_refs: Vec::new(),
             lines: Vec::new(),
         };
-        Program::from_linked(&linked, &Loaded::default(), mode)
+        Program::from_linked(&linked, &Loaded::default(), options.into())
     }
 
-    fn from_linked(linked: &Linked, loaded: &Loaded, mode: Mode) -> Result<Program, ProgramError> {
-        let prepared = prepare(linked, loaded)?;
-        let globals: Vec<Box<[u8]>> = loaded
-            .regions
-            .iter()
-            .map(|r| r.bytes.clone().into_boxed_slice())
-            .collect();
-        let mut bound = prepared.insns.clone();
+    fn from_linked(
+        linked: &Linked,
+        loaded: &Loaded,
+        options: Options,
+    ) -> Result<Program, ProgramError> {
+        let prepared = prepare(linked, loaded, options.checks)?;
+        let globals = Globals::new(loaded.regions.iter().map(|r| &r.bytes[..])).ok_or(
+            ProgramError::GlobalsTooLarge {
+                bytes: loaded.regions.iter().map(|r| r.bytes.len()).sum(),
+            },
+        )?;
+        let mut code = verify::sanitize(&prepared.insns, &prepared.verified);
         for r in &prepared.data_refs {
-            let addr = globals[r.region].as_ptr() as u64 + r.offset;
-            bound[r.insn].imm = addr as u32 as i32;
-            bound[r.insn + 1].imm = (addr >> 32) as u32 as i32;
+            // A reference in code the verifier never reached is a trap now.
+            if !code[r.insn].is_lddw() {
+                continue;
+            }
+            let id = r.region.index();
+            let start = match options.mode.addressing() {
+                Addressing::Guest => globals.span(id).map(|s| s.start),
+                Addressing::Host => globals
+                    .offset(id)
+                    .map(|o| globals.bytes().as_ptr() as u64 + o as u64),
+            };
+            let Some(start) = start else {
+                return Err(ProgramError::Engine(format!("no global {id} to bind")));
+            };
+            let addr = start + r.offset;
+            code[r.insn].imm = addr as u32 as i32;
+            code[r.insn + 1].imm = (addr >> 32) as u32 as i32;
         }
-        let code = rewrite::for_rbpf(&bound).map_err(ProgramError::Rewrite)?;
-        let readable: Vec<_> = globals
-            .iter()
-            .map(|g| g.as_ptr() as u64..g.as_ptr() as u64 + g.len() as u64)
-            .collect();
-        let engine =
-            Engine::new(insn::encode(&code), mode, &readable).map_err(ProgramError::Engine)?;
+        let engine = match options.mode {
+            Mode::Checked => Engine::Checked(
+                Compiled::new(&code, &prepared.verified.targets, &globals)
+                    .map_err(ProgramError::Engine)?,
+            ),
+            Mode::Interpreter | Mode::UncheckedJit => {
+                let code = rewrite::for_rbpf(&code).map_err(ProgramError::Rewrite)?;
+                let jit = options.mode == Mode::UncheckedJit;
+                Engine::Rbpf {
+                    vm: Box::new(
+                        Rbpf::new(insn::encode(&code), jit, &globals)
+                            .map_err(ProgramError::Engine)?,
+                    ),
+                    bound: prepared.verified.max_insns,
+                }
+            }
+        };
         Ok(Program {
             name: linked.name.clone(),
             insns: prepared.insns,
             verified: prepared.verified,
-            mode,
-            _globals: globals,
+            mode: options.mode,
+            globals,
             engine,
         })
     }
@@ -170,9 +237,90 @@ impl Program {
         self.mode
     }
 
-    /// Runs the program over `world`.
+    /// Bytes the program holds: its instructions, what the verifier recorded, its globals
+    /// and its compiled code.
+    pub fn footprint(&self) -> usize {
+        let code = match &self.engine {
+            Engine::Checked(c) => c.code_size(),
+            Engine::Rbpf { .. } => self.insns.len() * 8,
+        };
+        self.insns.len() * (8 + 1 + std::mem::size_of::<verify::Target>())
+            + self.globals.bytes().len()
+            + code
+    }
+
+    /// Runs the program over `world`: the first invocation with the window at the start of
+    /// the range, then one per hop the program asks for.
     pub fn run(&self, world: World<'_>, req: &Request<'_>) -> Result<Outcome, RunError> {
-        run::run(&self.engine, self.verified.max_insns, world, req)
+        self.run_sliced(world, req, SLICE)
+    }
+
+    /// [`Program::run`], granting the engine at most `slice` instructions at a time.
+    fn run_sliced(
+        &self,
+        world: World<'_>,
+        req: &Request<'_>,
+        slice: u64,
+    ) -> Result<Outcome, RunError> {
+        if req.arg.len() > abi::ARG_SIZE {
+            return Err(RunError::ArgTooLarge { len: req.arg.len() });
+        }
+        let (range, file_size) = (world.range.clone(), world.file_size);
+        let mut run = Run::new(world, req.limits, slice);
+        ARENA.with(|arena| {
+            let arena = &mut *arena.borrow_mut();
+            // What the program sees as addresses: guest ones, or host ones on rbpf.
+            let base = match self.mode.addressing() {
+                Addressing::Guest => guest::CTX,
+                Addressing::Host => arena.host() as u64,
+            };
+            let at = |area: Area| base + (area.span().start - guest::CTX);
+            arena.area(Area::Scratch).fill(0);
+            let arg = arena.area(Area::Arg);
+            arg[..req.arg.len()].copy_from_slice(req.arg);
+            arg[req.arg.len()..].fill(0);
+            let mut off = range.start;
+            loop {
+                if !run.check_clock() {
+                    return Err(run.take_stop().expect("a stopped run says why"));
+                }
+                run.fetch(off, arena.area(Area::Window))?;
+                // The whole context is rewritten for every invocation and the stack is
+                // zeroed: nothing one invocation left there reaches the next.
+                arena.area(Area::Ctx).fill(0);
+                arena.area(Area::Stack).fill(0);
+                for (field, v) in [
+                    (ctx::DATA, at(Area::Window)),
+                    (ctx::DATA_END, at(Area::Window) + abi::WINDOW_SIZE as u64),
+                    (ctx::SCRATCH, at(Area::Scratch)),
+                    (ctx::ARG, at(Area::Arg)),
+                    (ctx::ARG_LEN, req.arg.len() as u64),
+                    (ctx::OFFSET, off),
+                    (ctx::RANGE_START, range.start),
+                    (ctx::RANGE_END, range.end),
+                    (ctx::FILE_SIZE, file_size),
+                    (ctx::HOP, run.costs.hops),
+                    (ctx::NEXT, NO_NEXT),
+                ] {
+                    arena.set_ctx(field, v);
+                }
+                let r0 = self.engine.invoke(arena, &self.globals, &mut run)?;
+                let next = arena.ctx(ctx::NEXT);
+                if next == NO_NEXT {
+                    return run.finish(r0);
+                }
+                if !range.contains(&next) {
+                    return Err(RunError::OutOfRange { off: next });
+                }
+                run.costs.hops += 1;
+                if run.costs.hops > req.limits.hops {
+                    return Err(RunError::HopLimit {
+                        limit: req.limits.hops,
+                    });
+                }
+                off = next;
+            }
+        })
     }
 }
 
@@ -199,11 +347,11 @@ pub struct Prepared {
 }
 
 /// Inlines and verifies one linked program.
-pub fn prepare(linked: &Linked, loaded: &Loaded) -> Result<Prepared, ProgramError> {
+pub fn prepare(linked: &Linked, loaded: &Loaded, checks: Checks) -> Result<Prepared, ProgramError> {
     if let Some(r) = linked
         .data_refs
         .iter()
-        .map(|r| &loaded.regions[r.region])
+        .filter_map(|r| loaded.regions.get(r.region.index()))
         .find(|r| r.writable)
     {
         return Err(ProgramError::WritableGlobal {
@@ -215,8 +363,9 @@ pub fn prepare(linked: &Linked, loaded: &Loaded) -> Result<Prepared, ProgramErro
     let verified = verify::verify(
         &inlined.insns,
         &inlined.data_refs,
-        &Globals { sizes: &sizes },
+        &verify::Globals { sizes: &sizes },
         Budget::default(),
+        checks,
     )
     .map_err(|rejection| {
         let origin = inlined.origin.get(rejection.insn).copied();
@@ -232,4 +381,94 @@ pub fn prepare(linked: &Linked, loaded: &Loaded) -> Result<Prepared, ProgramErro
         origin: inlined.origin,
         verified,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use blockdev::{BlockDevice, MemDevice};
+
+    use super::*;
+    use crate::asm::assemble;
+    use crate::run::{Extent, Limits};
+
+    fn file() -> (MemDevice, Vec<Extent>) {
+        let device = MemDevice::new(1 << 16);
+        device.write_at(&[3u8; 8192], 4096).unwrap();
+        let extents = vec![Extent {
+            file_off: 0,
+            dev_off: 4096,
+            len: 8192,
+            unwritten: false,
+        }];
+        (device, extents)
+    }
+
+    fn world<'a>(device: &'a MemDevice, extents: &'a [Extent]) -> World<'a> {
+        World {
+            device,
+            extents,
+            file_size: 8192,
+            range: 0..8192,
+            writable: false,
+        }
+    }
+
+    /// A loop that sums the window's bytes with a helper call every 512 bytes, over two
+    /// windows (one hop).
+    const SUM: &str = "mov %r9, %r1
+         ldxdw %r6, [%r1]
+         mov %r7, 0
+         mov %r8, 0
+         l:
+         mov %r2, %r6
+         add %r2, %r8
+         ldxb %r3, [%r2]
+         add %r7, %r3
+         mov %r4, %r8
+         and %r4, 511
+         jne %r4, 0, skip
+         ldxdw %r1, [%r9+24]
+         mov %r2, 8
+         call 3
+         skip:
+         add %r8, 1
+         jlt %r8, 4096, l
+         mov %r0, %r7
+         exit";
+
+    #[test]
+    fn an_engine_that_yields_resumes_where_it_stopped_and_counts_exactly() {
+        let (device, extents) = file();
+        let p = Program::from_insns("sum", &assemble(SUM).unwrap(), Mode::Checked).unwrap();
+        let req = Request::default();
+        let whole = p.run(world(&device, &extents), &req).unwrap();
+        assert_eq!(whole.result, 3 * 4096);
+        assert_eq!(whole.output.len(), 8 * 8);
+        for slice in [1, 7, 64, 1000] {
+            let sliced = p.run_sliced(world(&device, &extents), &req, slice).unwrap();
+            assert_eq!(sliced, whole, "slices of {slice}");
+        }
+        // Every iteration's path is known to the verifier here, so the instructions
+        // executed are its worst case exactly; each emit of 8 bytes is charged 2 more.
+        assert_eq!(whole.costs.insns, p.verified().max_insns + 8 * 2);
+    }
+
+    #[test]
+    fn the_instruction_limit_stops_a_run_inside_an_invocation() {
+        let (device, extents) = file();
+        let p = Program::from_insns("sum", &assemble(SUM).unwrap(), Mode::Checked).unwrap();
+        for limit in [1, 100, 10_000] {
+            let req = Request {
+                arg: &[],
+                limits: Limits {
+                    insns: limit,
+                    ..Limits::default()
+                },
+            };
+            for slice in [3, SLICE] {
+                let r = p.run_sliced(world(&device, &extents), &req, slice);
+                assert_eq!(r, Err(RunError::InsnLimit { limit }), "{limit} by {slice}");
+            }
+        }
+    }
 }

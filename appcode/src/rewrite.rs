@@ -8,12 +8,14 @@
 //!   engines get right: `jgt d, C` is "d < 0 and d > C", both signed.
 //!
 //! Each such instruction is expanded into a sequence exact on both engines, and every jump
-//! and local call is re-aimed at the expanded program. (DESIGN.md lists the defects; each
+//! and local call is re-aimed at the expanded program. A trap ([`crate::verify::sanitize`])
+//! becomes a call that records its slot, then an exit. (DESIGN.md lists the defects; each
 //! has a regression test in `tests/conformance.rs` and below.)
 
 use std::fmt;
 
 use crate::insn::{CALL_LOCAL, Insn, SRC_K, SRC_X, alu, class, jmp};
+use crate::verify::TRAP_HELPER;
 
 /// A rewrite that cannot be expressed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,8 +76,8 @@ fn skip_if_nonnegative(dst: u8) -> Out {
     plain(Insn::new(class::JMP | jmp::JSGE | SRC_K, dst, 0, 1, 0))
 }
 
-/// The instructions that replace `i` (usually just `i`, aimed if it jumps).
-fn expand(i: &Insn) -> Vec<Out> {
+/// The instructions that replace `i`, at `slot` (usually just `i`, aimed if it jumps).
+fn expand(i: &Insn, slot: usize) -> Vec<Out> {
     let code = i.op & 0xf0;
     let (d, imm) = (i.dst, i.imm);
     let same = || {
@@ -84,6 +86,21 @@ fn expand(i: &Insn) -> Vec<Out> {
             aimed: is_jump(i) || is_local_call(i),
         }]
     };
+    if i.op == class::JMP | jmp::CALL && i.imm == TRAP_HELPER {
+        // Code the verifier never reached: the trap records the slot, and the invocation
+        // ends there.
+        return vec![
+            plain(Insn::new(
+                class::ALU64 | alu::MOV | SRC_K,
+                1,
+                0,
+                0,
+                slot as i32,
+            )),
+            plain(*i),
+            plain(Insn::new(class::JMP | jmp::EXIT, 0, 0, 0, 0)),
+        ];
+    }
     match i.class() {
         // `mov32 reg, imm` is a 32-bit mov on x86, which zero-extends; only the register
         // form is emitted as a 64-bit mov.
@@ -147,7 +164,7 @@ pub fn for_rbpf(prog: &[Insn]) -> Result<Vec<Insn>, RewriteError> {
             slot += 2;
             continue;
         }
-        for o in expand(&prog[slot]) {
+        for o in expand(&prog[slot], slot) {
             if o.aimed {
                 to_aim.push((out.len(), slot));
             }

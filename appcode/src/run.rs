@@ -1,5 +1,5 @@
-//! One run of a program: the world it may touch, its limits and costs, the helpers'
-//! behaviour, and the loop of invocations that a chain makes.
+//! One run of a program: the world it may touch, its limits and costs, and what helpers do
+//! to it. The loop of invocations that a chain makes is [`crate::Program::run`].
 //!
 //! The runtime, not the program, performs every device access: each is translated through
 //! the extents the caller handed over and confined to the run's file range (DESIGN.md,
@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use blockdev::BlockDevice;
 
-use crate::abi::{self, NO_NEXT, ctx, errno};
-use crate::exec::Engine;
+use crate::abi::{self, errno};
 
 /// Where a stretch of the file lives on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +41,13 @@ pub struct World<'a> {
 /// Per-run limits; exceeding one ends the run with its own [`RunError`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Instructions, each invocation charged its verified worst case.
+    /// Instructions executed, helpers charged by the work they do (see [`crate::helpers`]).
     pub insns: u64,
     /// Chain hops after the first invocation.
     pub hops: u64,
     pub device_bytes: u64,
     pub output_bytes: u64,
+    /// Wall-clock time, checked inside invocations too.
     pub wall: Duration,
 }
 
@@ -66,7 +66,8 @@ impl Default for Limits {
 /// What a run used.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Costs {
-    /// Instructions charged: the verified worst case of each invocation.
+    /// Instructions: counted as they execute on the checked engine (rbpf's engines charge
+    /// each invocation its verified worst case), plus what helpers are charged.
     pub insns: u64,
     pub hops: u64,
     pub device_bytes: u64,
@@ -113,6 +114,19 @@ pub enum RunError {
     },
     /// The device failed.
     Io(String),
+    /// The engine refused a memory access outside what the program may touch: `len` bytes
+    /// at (guest) address `addr`, by the instruction at slot `insn`, or by a helper it
+    /// called. Only a verifier bug (or its checks turned off) lets a program get here.
+    Access {
+        insn: Option<usize>,
+        addr: u64,
+        len: u64,
+        write: bool,
+    },
+    /// Execution reached an instruction the verifier never reached.
+    Unverified {
+        insn: usize,
+    },
     /// The engine reported an error or a helper panicked (a bug in nearfs, not the program).
     Fault(String),
 }
@@ -134,6 +148,26 @@ impl fmt::Display for RunError {
                 write!(f, "argument of {len} bytes; the limit is {}", abi::ARG_SIZE)
             }
             RunError::Io(e) => write!(f, "device error: {e}"),
+            RunError::Access {
+                insn,
+                addr,
+                len,
+                write,
+            } => {
+                let what = if *write { "write" } else { "read" };
+                match insn {
+                    Some(i) => write!(f, "insn {i}: ")?,
+                    None => write!(f, "a helper: ")?,
+                }
+                write!(
+                    f,
+                    "{len}-byte {what} at {addr:#x} is outside the program's memory"
+                )
+            }
+            RunError::Unverified { insn } => write!(
+                f,
+                "insn {insn}: reached an instruction the verifier never reached"
+            ),
             RunError::Fault(e) => write!(f, "runtime fault: {e}"),
         }
     }
@@ -148,28 +182,112 @@ pub struct Request<'a> {
     pub limits: Limits,
 }
 
-/// The state helpers work on during a run.
+/// Instructions an engine may execute before it asks for more: between two requests it
+/// runs for about a millisecond, so the wall clock is checked that often.
+pub(crate) const SLICE: u64 = 1 << 20;
+
+/// The state of one run that engines and helpers work on.
 pub(crate) struct Run<'a> {
     world: World<'a>,
     limits: Limits,
     deadline: Instant,
-    costs: Costs,
+    pub(crate) costs: Costs,
     output: Vec<u8>,
     /// Buffered writes, in order: (file offset, bytes).
     writes: Vec<(u64, Vec<u8>)>,
-    /// The first reason the run must fail, recorded by a helper.
-    failed: Option<RunError>,
+    /// Most fuel one grant hands out ([`SLICE`]; less in tests).
+    grants: u64,
+    /// Fuel handed to the engine by the last [`Run::grant`], not yet accounted.
+    slice: u64,
+    /// The first reason the run must stop, recorded by a helper or by metering.
+    stop: Option<RunError>,
 }
 
 impl<'a> Run<'a> {
-    fn fail(&mut self, e: RunError) -> i64 {
-        self.failed.get_or_insert(e);
-        -errno::ENOSPC
+    pub(crate) fn new(world: World<'a>, limits: Limits, grants: u64) -> Run<'a> {
+        Run {
+            world,
+            limits,
+            grants,
+            deadline: Instant::now() + limits.wall,
+            costs: Costs::default(),
+            output: Vec::new(),
+            writes: Vec::new(),
+            slice: 0,
+            stop: None,
+        }
     }
 
-    pub(crate) fn fault_helper_panic(&mut self) {
-        self.failed
-            .get_or_insert(RunError::Fault("a helper panicked".into()));
+    /// Records why the run must stop (the first reason wins).
+    pub(crate) fn stop(&mut self, e: RunError) {
+        self.stop.get_or_insert(e);
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    pub(crate) fn take_stop(&mut self) -> Option<RunError> {
+        self.stop.take()
+    }
+
+    /// Fails the run if its time is up.
+    pub(crate) fn check_clock(&mut self) -> bool {
+        if Instant::now() > self.deadline {
+            self.stop(RunError::Timeout {
+                limit: self.limits.wall,
+            });
+            return false;
+        }
+        true
+    }
+
+    /// Adds `n` instructions to the run's count; `false` (and the run stops) past the limit.
+    pub(crate) fn charge(&mut self, n: u64) -> bool {
+        self.costs.insns = self.costs.insns.saturating_add(n);
+        if self.costs.insns > self.limits.insns {
+            self.stop(RunError::InsnLimit {
+                limit: self.limits.insns,
+            });
+            return false;
+        }
+        true
+    }
+
+    /// Fuel for an engine that counts instructions: what it may execute before it must
+    /// call [`Run::refuel`].
+    pub(crate) fn grant(&mut self) -> i64 {
+        self.slice = self
+            .limits
+            .insns
+            .saturating_sub(self.costs.insns)
+            .min(self.grants);
+        self.slice as i64
+    }
+
+    /// Accounts for the fuel an engine used of its last grant; `fuel` is what it has left
+    /// (negative when it overran, by at most the instructions between two checks).
+    pub(crate) fn settle(&mut self, fuel: i64) -> bool {
+        let used = (self.slice as i64).saturating_sub(fuel).max(0) as u64;
+        self.slice = 0;
+        self.charge(used)
+    }
+
+    /// Settles `fuel` and grants more if the instruction limit and the clock allow; `None`
+    /// if the run must stop.
+    pub(crate) fn refuel(&mut self, fuel: i64) -> Option<i64> {
+        if !self.settle(fuel) || !self.check_clock() {
+            return None;
+        }
+        match self.grant() {
+            0 => {
+                self.stop(RunError::InsnLimit {
+                    limit: self.limits.insns,
+                });
+                None
+            }
+            g => Some(g),
+        }
     }
 
     fn within(&self, off: u64, len: u64) -> bool {
@@ -181,8 +299,9 @@ impl<'a> Run<'a> {
 
     /// File bytes at `off` into `buf`, through the extents; zeros where there is no data
     /// and outside the run's range.
-    fn fetch(&mut self, off: u64, buf: &mut [u8]) -> Result<(), RunError> {
-        let end = (off + buf.len() as u64)
+    pub(crate) fn fetch(&mut self, off: u64, buf: &mut [u8]) -> Result<(), RunError> {
+        let end = off
+            .saturating_add(buf.len() as u64)
             .min(self.world.file_size)
             .min(self.world.range.end);
         let extents = self.world.extents;
@@ -216,9 +335,10 @@ impl<'a> Run<'a> {
         }
         buf[done..].fill(0);
         // This run's own writes are visible to it.
+        let buf_end = off.saturating_add(buf.len() as u64);
         for (w, bytes) in &self.writes {
             let lo = (*w).max(off);
-            let hi = (w + bytes.len() as u64).min(off + buf.len() as u64);
+            let hi = (w + bytes.len() as u64).min(buf_end);
             if lo < hi {
                 buf[(lo - off) as usize..(hi - off) as usize]
                     .copy_from_slice(&bytes[(lo - w) as usize..(hi - w) as usize]);
@@ -227,17 +347,27 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// `nearfs_read`. `dst` is already zeroed: whatever this returns, the program's
+    /// memory holds file bytes or zeros, never what was there before.
     pub(crate) fn read(&mut self, off: u64, dst: &mut [u8]) -> i64 {
         if !self.within(off, dst.len() as u64) {
             return -errno::ERANGE;
         }
+        if !self.check_clock() {
+            return -errno::ENOSPC;
+        }
         match self.fetch(off, dst) {
             Ok(()) => 0,
-            Err(e @ RunError::Io(_)) => {
-                self.failed.get_or_insert(e);
-                -errno::EIO
+            Err(e) => {
+                let code = if matches!(e, RunError::Io(_)) {
+                    errno::EIO
+                } else {
+                    errno::ENOSPC
+                };
+                dst.fill(0);
+                self.stop(e);
+                -code
             }
-            Err(e) => self.fail(e),
         }
     }
 
@@ -262,6 +392,7 @@ impl<'a> Run<'a> {
         at >= end
     }
 
+    /// `nearfs_write`.
     pub(crate) fn write(&mut self, off: u64, src: &[u8]) -> i64 {
         let len = src.len() as u64;
         if !self.world.writable {
@@ -277,18 +408,20 @@ impl<'a> Run<'a> {
         0
     }
 
+    /// `nearfs_emit`.
     pub(crate) fn emit(&mut self, src: &[u8]) -> i64 {
         if self.output.len() + src.len() > self.limits.output_bytes as usize {
-            return self.fail(RunError::OutputLimit {
+            self.stop(RunError::OutputLimit {
                 limit: self.limits.output_bytes,
             });
+            return -errno::ENOSPC;
         }
         self.output.extend_from_slice(src);
         0
     }
 
-    /// Applies the buffered writes through the extents.
-    fn apply(&mut self) -> Result<Vec<Range<u64>>, RunError> {
+    /// Ends a successful run: applies the buffered writes through the extents.
+    pub(crate) fn finish(mut self, result: u64) -> Result<Outcome, RunError> {
         let mut written = Vec::new();
         for (off, bytes) in std::mem::take(&mut self.writes) {
             let end = off + bytes.len() as u64;
@@ -308,102 +441,12 @@ impl<'a> Run<'a> {
             }
             written.push(off..end);
         }
-        Ok(written)
+        self.costs.output_bytes = self.output.len() as u64;
+        Ok(Outcome {
+            result,
+            output: self.output,
+            costs: self.costs,
+            written,
+        })
     }
-}
-
-/// Memory a run gives its program: the context, then the window, scratch and argument.
-const CTX_AREA: usize = 128;
-const WINDOW_AT: usize = CTX_AREA;
-const SCRATCH_AT: usize = WINDOW_AT + abi::WINDOW_SIZE;
-const ARG_AT: usize = SCRATCH_AT + abi::SCRATCH_SIZE;
-const MEM_SIZE: usize = ARG_AT + abi::ARG_SIZE;
-
-thread_local! {
-    /// Each thread reuses one run memory, so starting a run allocates nothing.
-    static MEMORY: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MEM_SIZE]);
-}
-
-fn put(mem: &mut [u8], field: i16, v: u64) {
-    let at = field as usize;
-    mem[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-/// Runs `engine`, whose invocations each execute at most `bound` instructions.
-pub(crate) fn run(
-    engine: &Engine,
-    bound: u64,
-    world: World<'_>,
-    req: &Request<'_>,
-) -> Result<Outcome, RunError> {
-    if req.arg.len() > abi::ARG_SIZE {
-        return Err(RunError::ArgTooLarge { len: req.arg.len() });
-    }
-    let limits = req.limits;
-    let (range, file_size) = (world.range.clone(), world.file_size);
-    let mut run = Run {
-        world,
-        limits,
-        deadline: Instant::now() + limits.wall,
-        costs: Costs::default(),
-        output: Vec::new(),
-        writes: Vec::new(),
-        failed: None,
-    };
-    MEMORY.with(|m| {
-        let mut mem = m.borrow_mut();
-        let mem = &mut mem[..];
-        let base = mem.as_ptr() as u64;
-        mem[..CTX_AREA].fill(0);
-        mem[SCRATCH_AT..ARG_AT].fill(0);
-        mem[ARG_AT..ARG_AT + req.arg.len()].copy_from_slice(req.arg);
-        mem[ARG_AT + req.arg.len()..].fill(0);
-        put(mem, ctx::DATA, base + WINDOW_AT as u64);
-        put(mem, ctx::DATA_END, base + SCRATCH_AT as u64);
-        put(mem, ctx::SCRATCH, base + SCRATCH_AT as u64);
-        put(mem, ctx::ARG, base + ARG_AT as u64);
-        put(mem, ctx::ARG_LEN, req.arg.len() as u64);
-        put(mem, ctx::RANGE_START, range.start);
-        put(mem, ctx::RANGE_END, range.end);
-        put(mem, ctx::FILE_SIZE, file_size);
-        let mut off = range.start;
-        loop {
-            if Instant::now() > run.deadline {
-                return Err(RunError::Timeout { limit: limits.wall });
-            }
-            run.costs.insns = run.costs.insns.saturating_add(bound);
-            if run.costs.insns > limits.insns {
-                return Err(RunError::InsnLimit {
-                    limit: limits.insns,
-                });
-            }
-            run.fetch(off, &mut mem[WINDOW_AT..SCRATCH_AT])?;
-            put(mem, ctx::OFFSET, off);
-            put(mem, ctx::HOP, run.costs.hops);
-            put(mem, ctx::NEXT, NO_NEXT);
-            let r0 = engine.invoke(mem, &mut run).map_err(RunError::Fault)?;
-            if let Some(e) = run.failed.take() {
-                return Err(e);
-            }
-            let next = u64::from_le_bytes(mem[ctx::NEXT as usize..][..8].try_into().unwrap());
-            if next == NO_NEXT {
-                let written = run.apply()?;
-                run.costs.output_bytes = run.output.len() as u64;
-                return Ok(Outcome {
-                    result: r0,
-                    output: std::mem::take(&mut run.output),
-                    costs: run.costs,
-                    written,
-                });
-            }
-            if !range.contains(&next) {
-                return Err(RunError::OutOfRange { off: next });
-            }
-            run.costs.hops += 1;
-            if run.costs.hops > limits.hops {
-                return Err(RunError::HopLimit { limit: limits.hops });
-            }
-            off = next;
-        }
-    })
 }

@@ -1,5 +1,6 @@
 //! One regression test per rbpf 0.4.1 defect (DESIGN.md, and the helper-stack one found
-//! here), each through the real path: load, verify, rewrite, compile, run on both engines.
+//! here), each through the real path: load, verify, rewrite, compile, run on every engine:
+//! the checked one, and rbpf's interpreter and JIT with the rewrites that make them exact.
 //! Each program computes something the unfixed engine gets wrong (or crashes on).
 
 mod common;
@@ -8,10 +9,12 @@ use appcode::asm::assemble;
 use appcode::{Mode, Program, Request};
 use common::TestFile;
 
-fn run_both(text: &str) -> [u64; 2] {
+const ENGINES: [Mode; 3] = [Mode::Checked, Mode::Interpreter, Mode::UncheckedJit];
+
+fn run_all(text: &str) -> [u64; 3] {
     let file = TestFile::new(&[0u8; 4096]);
     let insns = assemble(text).unwrap();
-    [Mode::Jit, Mode::Interpreter].map(|mode| {
+    ENGINES.map(|mode| {
         let p = Program::from_insns("defect", &insns, mode).unwrap_or_else(|e| panic!("{e}"));
         p.run(file.world(false), &Request::default())
             .unwrap_or_else(|e| panic!("{mode:?}: {e}"))
@@ -22,33 +25,33 @@ fn run_both(text: &str) -> [u64; 2] {
 #[test]
 fn mov32_zero_extends_on_the_jit() {
     // rbpf's JIT left the upper half of r0 in place.
-    let r = run_both("lddw %r0, 0xdeadbeef00000007\nmov32 %r0, %r0\nexit");
-    assert_eq!(r, [7, 7]);
+    let r = run_all("lddw %r0, 0xdeadbeef00000007\nmov32 %r0, %r0\nexit");
+    assert_eq!(r, [7; 3]);
 }
 
 #[test]
 fn le16_and_le32_truncate_on_the_jit() {
     // rbpf's JIT treated le16/le32 as no-ops.
-    let r = run_both("lddw %r0, 0x1122334455667788\nle16 %r0\nexit");
-    assert_eq!(r, [0x7788, 0x7788]);
-    let r = run_both("lddw %r0, 0x1122334455667788\nle32 %r0\nexit");
-    assert_eq!(r, [0x5566_7788, 0x5566_7788]);
+    let r = run_all("lddw %r0, 0x1122334455667788\nle16 %r0\nexit");
+    assert_eq!(r, [0x7788; 3]);
+    let r = run_all("lddw %r0, 0x1122334455667788\nle32 %r0\nexit");
+    assert_eq!(r, [0x5566_7788; 3]);
 }
 
 #[test]
 fn compares_with_negative_immediates_sign_extend_in_the_interpreter() {
     // rbpf's interpreter compared against the zero-extended immediate.
-    let r = run_both("lddw %r1, 0xfffffffffffffffe\nmov %r0, 1\njeq %r1, -2, +1\nmov %r0, 0\nexit");
-    assert_eq!(r, [1, 1]);
-    let r = run_both("mov %r1, 5\nmov %r0, 1\njgt %r1, -1, +1\nmov %r0, 0\nexit");
-    assert_eq!(r, [0, 0], "5 > 2^64 - 1 is false");
+    let r = run_all("lddw %r1, 0xfffffffffffffffe\nmov %r0, 1\njeq %r1, -2, +1\nmov %r0, 0\nexit");
+    assert_eq!(r, [1; 3]);
+    let r = run_all("mov %r1, 5\nmov %r0, 1\njgt %r1, -1, +1\nmov %r0, 0\nexit");
+    assert_eq!(r, [0; 3], "5 > 2^64 - 1 is false");
 }
 
 #[test]
 fn called_functions_do_not_overwrite_their_callers_stack() {
     // rbpf's JIT ran the callee with the caller's r10: the callee's [r10-8] was the
     // caller's. Inlining gives each function its own frame.
-    let r = run_both(
+    let r = run_all(
         "stdw [%r10-8], 40
          call local f
          ldxdw %r1, [%r10-8]
@@ -59,12 +62,12 @@ fn called_functions_do_not_overwrite_their_callers_stack() {
          ldxdw %r0, [%r10-8]
          exit",
     );
-    assert_eq!(r, [42, 42]);
+    assert_eq!(r, [42; 3]);
 }
 
 #[test]
 fn callee_saved_registers_survive_calls() {
-    let r = run_both(
+    let r = run_all(
         "mov %r6, 40
          call local f
          add %r0, %r6
@@ -75,7 +78,7 @@ fn callee_saved_registers_survive_calls() {
          add %r0, 1
          exit",
     );
-    assert_eq!(r, [42, 42]);
+    assert_eq!(r, [42; 3]);
 }
 
 #[test]
@@ -95,7 +98,7 @@ fn helpers_called_from_jit_code_run_on_an_aligned_stack() {
          exit",
     )
     .unwrap();
-    for mode in [Mode::Jit, Mode::Interpreter] {
+    for mode in ENGINES {
         let p = Program::from_insns("emit_all", &insns, mode).unwrap();
         let out = p.run(file.world(false), &Request::default()).unwrap();
         assert_eq!(out.output, vec![1u8; 64 * 1024], "{mode:?}");
@@ -112,7 +115,7 @@ fn v4_instructions_and_atomics_are_refused_not_miscomputed() {
         "stdw [%r10-8], 0\nmov %r1, 1\nlock add [%r10-8], %r1\nmov %r0, 0\nexit",
     ] {
         let insns = assemble(text).unwrap();
-        let e = Program::from_insns("v4", &insns, Mode::Jit).unwrap_err();
+        let e = Program::from_insns("v4", &insns, Mode::Checked).unwrap_err();
         assert!(format!("{e:?}").contains("Unsupported"), "{text}: {e}");
     }
 }
@@ -129,8 +132,8 @@ fn accesses_are_checked_whole_not_by_their_first_byte() {
 fn loops_cannot_run_without_a_budget() {
     // rbpf has no instruction budget; the verifier bounds every invocation.
     let insns = assemble("mov %r0, 0\nl:\nadd %r0, 1\njlt %r0, 100, l\nexit").unwrap();
-    let p = Program::from_insns("count", &insns, Mode::Jit).unwrap();
+    let p = Program::from_insns("count", &insns, Mode::Checked).unwrap();
     assert_eq!(p.verified().max_insns, 1 + 2 * 100 + 1);
     let insns = assemble("mov %r0, 0\nl:\nadd %r0, 1\nja l").unwrap();
-    assert!(Program::from_insns("forever", &insns, Mode::Jit).is_err());
+    assert!(Program::from_insns("forever", &insns, Mode::Checked).is_err());
 }

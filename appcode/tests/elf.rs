@@ -44,7 +44,7 @@ fn clang_objects_link_calls_and_globals_and_compute_what_the_c_says() {
         let mut regions: Vec<Vec<u8>> = loaded.regions.iter().map(|r| r.bytes.clone()).collect();
         let mut insns = prog.insns.clone();
         for r in &prog.data_refs {
-            let addr = regions[r.region].as_ptr() as u64 + r.offset;
+            let addr = regions[r.region.index()].as_ptr() as u64 + r.offset;
             insns[r.insn].imm = addr as u32 as i32;
             insns[r.insn + 1].imm = (addr >> 32) as u32 as i32;
         }

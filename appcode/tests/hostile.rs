@@ -78,7 +78,7 @@ fn every_hostile_program_is_stopped_with_its_reason() {
             .unwrap_or_else(|| panic!("{name}: no expect line"))
             .1;
         let words: Vec<&str> = expect.split_whitespace().collect();
-        for mode in [Mode::Jit, Mode::Interpreter] {
+        for mode in [Mode::Checked, Mode::Interpreter] {
             let loaded = load(path, mode);
             let verdict = match (words[0], loaded) {
                 ("reject", Err(e)) => {
@@ -132,17 +132,17 @@ fn every_hostile_program_is_stopped_with_its_reason() {
 fn streams_too_large_or_with_impossible_registers_are_refused() {
     let mut huge = vec![Insn::new(0xb7, 0, 0, 0, 0); appcode::elf::MAX_INSNS];
     huge.push(Insn::new(0x95, 0, 0, 0, 0));
-    let e = Program::from_insns("huge", &huge, Mode::Jit).unwrap_err();
+    let e = Program::from_insns("huge", &huge, Mode::Checked).unwrap_err();
     assert!(format!("{e:?}").contains("TooLarge"), "{e}");
     let r11 = [Insn::new(0xb7, 11, 0, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
-    let e = Program::from_insns("r11", &r11, Mode::Jit).unwrap_err();
+    let e = Program::from_insns("r11", &r11, Mode::Checked).unwrap_err();
     assert!(format!("{e:?}").contains("BadRegister"), "{e}");
     // Found by the verify fuzz target: the inliner's frame scan indexed by register.
     let copy_fp = [Insn::new(0xbf, 12, 10, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
-    let e = Program::from_insns("r12", &copy_fp, Mode::Jit).unwrap_err();
+    let e = Program::from_insns("r12", &copy_fp, Mode::Checked).unwrap_err();
     assert!(format!("{e:?}").contains("BadRegister"), "{e}");
     let torn_lddw = [Insn::new(0x18, 0, 0, 0, 1)];
-    let e = Program::from_insns("torn", &torn_lddw, Mode::Jit).unwrap_err();
+    let e = Program::from_insns("torn", &torn_lddw, Mode::Checked).unwrap_err();
     assert!(format!("{e:?}").contains("Unsupported"), "{e}");
 }
 
@@ -152,7 +152,7 @@ fn the_process_stays_healthy_after_the_corpus() {
     let prog = assemble("ldxdw %r2, [%r1]\nldxb %r0, [%r2+4095]\nexit").unwrap();
     let data = vec![9u8; 4096];
     let file = TestFile::new(&data);
-    for mode in [Mode::Jit, Mode::Interpreter] {
+    for mode in [Mode::Checked, Mode::Interpreter] {
         let p = Program::from_insns("last_byte", &prog, mode).unwrap();
         let out = p.run(file.world(false), &Request::default()).unwrap();
         assert_eq!(out.result, 9);

@@ -6,7 +6,7 @@ use appcode::{Mode, Program, Request};
 use common::{Rng, TestFile, compile_file, progs_dir};
 use nearfs_client::layouts::{btree, kv};
 
-const MODES: [Mode; 2] = [Mode::Jit, Mode::Interpreter];
+const MODES: [Mode; 2] = [Mode::Checked, Mode::Interpreter];
 
 /// Runs `p` over `world` with argument `arg` and default limits.
 fn run_with(p: &Program, world: appcode::World<'_>, arg: &[u8]) -> appcode::Outcome {
@@ -34,7 +34,7 @@ fn bytecount_counts_across_hops() {
     let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let want = data.iter().filter(|&&b| b == 3).count() as u64;
     let file = TestFile::new(&data);
-    for mode in [Mode::Jit, Mode::Interpreter] {
+    for mode in [Mode::Checked, Mode::Interpreter] {
         let p = load("bytecount.c", "bytecount", mode);
         let out = run_with(&p, file.world(false), &[3]);
         assert_eq!(out.result, want, "{mode:?}");

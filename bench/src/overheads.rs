@@ -103,9 +103,9 @@ pub fn measure(batch: Duration, objects: &std::path::Path) -> Result<Overheads> 
         let obj = setup::compile(c, objects)?;
         let loaded = elf::load(&obj)?;
         for linked in &loaded.programs {
-            let p = program::prepare(linked, &loaded)?;
+            let p = program::prepare(linked, &loaded, Default::default())?;
             let t = per_call(batch, || {
-                program::prepare(linked, &loaded)?;
+                program::prepare(linked, &loaded, Default::default())?;
                 Ok(())
             })?;
             verification.push(Verification {
@@ -156,7 +156,7 @@ pub fn measure(batch: Duration, objects: &std::path::Path) -> Result<Overheads> 
         };
         let mut times = Vec::new();
         let mut results = Vec::new();
-        for mode in [Mode::Jit, Mode::Interpreter] {
+        for mode in [Mode::Checked, Mode::Interpreter] {
             let p = Program::from_elf(object(name)?, None, mode)?;
             results.push(p.run(file.world(), &req)?.result);
             times.push(per_call(batch, || {
@@ -183,7 +183,7 @@ pub fn measure(batch: Duration, objects: &std::path::Path) -> Result<Overheads> 
     let nothing = appcode::asm::assemble("mov %r0, 0\nexit")?;
     let empty = MemFile::new(&[])?;
     let mut setup_ns = Vec::new();
-    for mode in [Mode::Jit, Mode::Interpreter] {
+    for mode in [Mode::Checked, Mode::Interpreter] {
         let p = Program::from_insns("nothing", &nothing, mode)?;
         let t = per_call(batch, || {
             p.run(empty.world(), &Request::default())?;

@@ -156,7 +156,7 @@ impl Offload {
             fs,
             policy,
             runs_per_user,
-            mode: Mode::Jit,
+            mode: Mode::Checked,
             limits: Limits::default(),
             programs: DashMap::new(),
             pending: DashMap::new(),

@@ -39,7 +39,7 @@ pub fn verify(object: &Path, name: Option<&str>) -> anyhow::Result<bool> {
     let mut all = true;
     for linked in selected(&loaded, name)? {
         let start = Instant::now();
-        match program::prepare(linked, &loaded) {
+        match program::prepare(linked, &loaded, Default::default()) {
             Ok(p) => {
                 let v = &p.verified;
                 writeln!(out, "{}: accepted", linked.name)?;

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(interp) = Program::from_insns("fuzz", &insns, Mode::Interpreter) else {
         return;
     };
-    let jit = Program::from_insns("fuzz", &insns, Mode::Jit).expect("same verdict");
+    let jit = Program::from_insns("fuzz", &insns, Mode::Checked).expect("same verdict");
     let device = MemDevice::new(1 << 16);
     device.write_at(&[0x5a; 8192], 4096).unwrap();
     let extents = [Extent { file_off: 0, dev_off: 4096, len: 8192, unwritten: false }];

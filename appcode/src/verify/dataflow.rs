@@ -3,7 +3,7 @@
 //! address, a helper's pointer or length, a divisor or a branch), and where control
 //! flow merges. The verifier forgets what is not live or not demanded.
 
-use crate::abi::{self, Arg};
+use crate::helpers::{self, Arg};
 use crate::insn::{Insn, SRC_X, alu, class, jmp};
 
 const FP: u8 = 10;
@@ -92,7 +92,7 @@ impl<'p> Flow<'p> {
                 class::LD => out & !bit(i.dst),
                 _ => match i.op & 0xf0 {
                     jmp::CALL => {
-                        let args = abi::prototype(i.imm).map_or(5, |p| p.args.len()) as u8;
+                        let args = helpers::by_id(i.imm).map_or(5, |h| h.args.len()) as u8;
                         out & !0b11_1111 | (1..=args).fold(0, |m, r| m | bit(r))
                     }
                     jmp::EXIT => bit(0),
@@ -130,7 +130,7 @@ impl<'p> Flow<'p> {
                 class::LD => out & !bit(i.dst),
                 _ => match i.op & 0xf0 {
                     jmp::CALL => {
-                        let args: u16 = match abi::prototype(i.imm) {
+                        let args: u16 = match helpers::by_id(i.imm) {
                             Some(p) => p
                                 .args
                                 .iter()
