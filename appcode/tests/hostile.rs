@@ -6,10 +6,13 @@
 //!   loaded machine), and for C points at source line N;
 //! - `expect: run KIND [LIMIT=VALUE ...]` — it loads, and a run under those limits fails
 //!   with that error;
-//! - `expect: result N` — it loads and runs to completion with r0 = N.
+//! - `expect: result N [zeros=K]` — it loads and runs to completion with r0 = N (and emits
+//!   exactly K zero bytes).
 //!
-//! Everything runs in this one process, on both engines; the last test shows it is still
-//! healthy.
+//! Everything runs in this one process, on the checked engine and on rbpf's interpreter;
+//! the last test shows it is still healthy. Then the second line of defence alone: with the
+//! verifier's memory checks off, every program it would have refused for memory ends in a
+//! run error on the checked engine.
 
 mod common;
 
@@ -19,7 +22,8 @@ use std::time::Duration;
 use appcode::asm::assemble;
 use appcode::insn::Insn;
 use appcode::program::ProgramError;
-use appcode::{Limits, Mode, Program, Request};
+use appcode::verify::Checks;
+use appcode::{Limits, Mode, Options, Program, Request};
 use common::{TestFile, compile_file};
 
 fn corpus() -> Vec<PathBuf> {
@@ -33,15 +37,26 @@ fn corpus() -> Vec<PathBuf> {
     files
 }
 
-fn load(path: &Path, mode: Mode) -> Result<Program, ProgramError> {
+fn load(path: &Path, options: impl Into<Options>) -> Result<Program, ProgramError> {
     let name = path.file_stem().unwrap().to_str().unwrap();
     if path.extension().unwrap() == "c" {
-        Program::from_elf(&compile_file(path, "v3"), None, mode)
+        Program::from_elf(&compile_file(path, "v3"), None, options)
     } else {
         let text = std::fs::read_to_string(path).unwrap();
         let insns = assemble(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
-        Program::from_insns(name, &insns, mode)
+        Program::from_insns(name, &insns, options)
     }
+}
+
+/// The first line's words after `expect: `.
+fn expectation(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let header = text.lines().next().unwrap();
+    let expect = header
+        .split_once("expect: ")
+        .unwrap_or_else(|| panic!("{}: no expect line", path.display()))
+        .1;
+    expect.split_whitespace().map(String::from).collect()
 }
 
 fn limits(words: &[&str]) -> Limits {
@@ -55,7 +70,7 @@ fn limits(words: &[&str]) -> Limits {
             "device_bytes" => l.device_bytes = v,
             "output_bytes" => l.output_bytes = v,
             "wall_ms" => l.wall = Duration::from_millis(v),
-            "line" => {}
+            "line" | "zeros" => {}
             _ => panic!("unknown limit {k}"),
         }
     }
@@ -71,55 +86,10 @@ fn every_hostile_program_is_stopped_with_its_reason() {
     let mut failures = Vec::new();
     for path in &files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(path).unwrap();
-        let header = text.lines().next().unwrap();
-        let expect = header
-            .split_once("expect: ")
-            .unwrap_or_else(|| panic!("{name}: no expect line"))
-            .1;
-        let words: Vec<&str> = expect.split_whitespace().collect();
+        let words = expectation(path);
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
         for mode in [Mode::Checked, Mode::Interpreter] {
-            let loaded = load(path, mode);
-            let verdict = match (words[0], loaded) {
-                ("reject", Err(e)) => {
-                    let shown = format!("{e:?}");
-                    let line = words[2..]
-                        .iter()
-                        .find_map(|w| w.strip_prefix("line="))
-                        .map(|n| n.parse::<u32>().unwrap());
-                    let at = match &e {
-                        ProgramError::Rejected(d) => d.source.as_ref().map(|l| l.line),
-                        _ => None,
-                    };
-                    if !words[1].split('|').any(|kind| shown.contains(kind)) {
-                        Err(format!("rejected for another reason: {e}"))
-                    } else if line.is_some() && line != at {
-                        Err(format!("points at line {at:?}, not {line:?}: {e}"))
-                    } else {
-                        Ok(())
-                    }
-                }
-                ("reject", Ok(_)) => Err("accepted".into()),
-                (_, Err(e)) => Err(format!("rejected: {e}")),
-                ("run", Ok(p)) => {
-                    let req = Request {
-                        arg: &[],
-                        limits: limits(&words[2..]),
-                    };
-                    match p.run(file.world(false), &req) {
-                        Err(e) if format!("{e:?}").contains(words[1]) => Ok(()),
-                        other => Err(format!("run ended with {other:?}")),
-                    }
-                }
-                ("result", Ok(p)) => {
-                    let want: i64 = words[1].parse().unwrap();
-                    match p.run(file.world(false), &Request::default()) {
-                        Ok(out) if out.result as i64 == want => Ok(()),
-                        other => Err(format!("run ended with {other:?}")),
-                    }
-                }
-                _ => panic!("{name}: bad expect line {header:?}"),
-            };
+            let verdict = judge(load(path, mode), &words, &file, &[]);
             if let Err(why) = verdict {
                 failures.push(format!("{name} ({mode:?}): {why}"));
             }
@@ -157,4 +127,198 @@ fn the_process_stays_healthy_after_the_corpus() {
         let out = p.run(file.world(false), &Request::default()).unwrap();
         assert_eq!(out.result, 9);
     }
+}
+
+/// What a program's header says for `key` (`expect` or `unchecked`): the words after it.
+fn header(path: &Path, key: &str) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let pattern = format!("{key}: ");
+    text.lines().take(2).find_map(|l| {
+        let (_, rest) = l.split_once(&pattern)?;
+        Some(rest.split_whitespace().map(String::from).collect())
+    })
+}
+
+/// Whether `loaded` and a run of it (with `arg`, writable) came out as `words` say.
+fn judge(
+    loaded: Result<Program, ProgramError>,
+    words: &[&str],
+    file: &TestFile,
+    arg: &[u8],
+) -> Result<(), String> {
+    match (words[0], loaded) {
+        ("reject", Err(e)) => {
+            let shown = format!("{e:?}");
+            let line = words[2..]
+                .iter()
+                .find_map(|w| w.strip_prefix("line="))
+                .map(|n| n.parse::<u32>().unwrap());
+            let at = match &e {
+                ProgramError::Rejected(d) => d.source.as_ref().map(|l| l.line),
+                _ => None,
+            };
+            if !words[1].split('|').any(|kind| shown.contains(kind)) {
+                Err(format!("rejected for another reason: {e}"))
+            } else if line.is_some() && line != at {
+                Err(format!("points at line {at:?}, not {line:?}: {e}"))
+            } else {
+                Ok(())
+            }
+        }
+        ("reject", Ok(_)) => Err("accepted".into()),
+        (_, Err(e)) => Err(format!("rejected: {e}")),
+        ("run", Ok(p)) => {
+            let req = Request {
+                arg,
+                limits: limits(&words[2..]),
+            };
+            match p.run(file.world(false), &req) {
+                Err(e) if format!("{e:?}").contains(words[1]) => Ok(()),
+                other => Err(format!("run ended with {other:?}")),
+            }
+        }
+        ("result", Ok(p)) => {
+            let want: i64 = words[1].parse().unwrap();
+            let zeros = words[2..]
+                .iter()
+                .find_map(|w| w.strip_prefix("zeros="))
+                .map(|n| vec![0u8; n.parse().unwrap()]);
+            let req = Request {
+                arg,
+                ..Request::default()
+            };
+            match p.run(file.world(false), &req) {
+                Ok(out)
+                    if out.result as i64 == want
+                        && zeros.as_ref().is_none_or(|z| out.output == *z) =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("run ended with {other:?}")),
+            }
+        }
+        _ => panic!("bad expectation {words:?}"),
+    }
+}
+
+/// The verifier's memory checks off: every program it refuses for where its accesses go
+/// says (`unchecked:`) what the checked engine alone does with it, and does that. Most
+/// end in `Access`; a few happen to stay inside their memory with this file and argument
+/// (the engine lets them, as it should); the rest are still refused for something else.
+#[test]
+fn without_the_verifiers_memory_checks_the_engine_stops_every_stray_access() {
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8 + 1).collect();
+    let file = TestFile::new(&data);
+    let unchecked = Options {
+        mode: Mode::Checked,
+        checks: Checks { memory: false },
+    };
+    let memory = [
+        "OutOfBounds",
+        "NotPointer",
+        "ReadOnly",
+        "HelperArg",
+        "PointerOffset",
+        "CtxField",
+    ];
+    let (mut judged, mut stopped) = (0, 0);
+    let mut failures = Vec::new();
+    for path in corpus() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let expect = header(&path, "expect").unwrap();
+        let refused_for_memory =
+            expect[0] == "reject" && expect[1].split('|').all(|k| memory.contains(&k));
+        let Some(words) = header(&path, "unchecked") else {
+            if refused_for_memory {
+                failures.push(format!("{name}: says nothing for unchecked"));
+            }
+            continue;
+        };
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        judged += 1;
+        stopped += usize::from(words == ["run", "Access"]);
+        if let Err(why) = judge(load(&path, unchecked), &words, &file, &[0xff; 64]) {
+            failures.push(format!("{name}: {why}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        judged >= 30 && stopped >= 20,
+        "{judged} judged, {stopped} stopped"
+    );
+}
+
+#[test]
+fn nothing_one_run_leaves_on_the_stack_reaches_the_next() {
+    // Fills the whole stack with 0xaa...
+    let mut fill = String::new();
+    for k in 1..=64 {
+        fill.push_str(&format!(
+            "lddw %r1, 0xaaaaaaaaaaaaaaaa\nstxdw [%r10-{}], %r1\n",
+            8 * k
+        ));
+    }
+    fill.push_str("mov %r0, 0\nexit");
+    let fill = assemble(&fill).unwrap();
+    // ...then a read that fails leaves its buffer zeroed, and the whole stack reads zero.
+    let leak = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/class_helper_fails_dst_zeroed.s"),
+    )
+    .unwrap();
+    let leak = assemble(&leak).unwrap();
+    let file = TestFile::new(&[7u8; 4096]);
+    for mode in [Mode::Checked, Mode::Interpreter] {
+        let a = Program::from_insns("fill", &fill, mode).unwrap();
+        let b = Program::from_insns("leak", &leak, mode).unwrap();
+        for _ in 0..3 {
+            a.run(file.world(false), &Request::default()).unwrap();
+            let out = b.run(file.world(false), &Request::default()).unwrap();
+            assert_eq!(out.output, vec![0u8; 480], "{mode:?}");
+        }
+    }
+}
+
+#[test]
+fn programs_larger_than_rbpfs_jit_can_hold_run_on_the_checked_engine() {
+    // 20,000 additions: far past the one 4 KiB page rbpf's JIT compiles into.
+    let mut insns = vec![Insn::new(0xb7, 0, 0, 0, 0)];
+    insns.extend(std::iter::repeat_n(Insn::new(0x07, 0, 0, 0, 3), 20_000));
+    insns.push(Insn::new(0x95, 0, 0, 0, 0));
+    let file = TestFile::new(&[0u8; 4096]);
+    let p = Program::from_insns("long", &insns, Mode::Checked).unwrap();
+    let out = p.run(file.world(false), &Request::default()).unwrap();
+    assert_eq!(out.result, 60_000);
+    assert_eq!(out.costs.insns, 20_002);
+    // rbpf's JIT refuses it with an error, not a panic.
+    let e = Program::from_insns("long", &insns, Mode::UncheckedJit).unwrap_err();
+    assert!(matches!(e, ProgramError::Engine(_)), "{e}");
+}
+
+#[test]
+fn the_largest_program_the_verifier_accepts_compiles() {
+    // Alternating loads, adds, forward branches and stores, up to the limit: the checked
+    // engine's capacity is the verifier's.
+    let n = appcode::verify::MAX_INSNS;
+    let mut p = vec![
+        Insn::new(0xb7, 0, 0, 0, 0),
+        Insn::new(0x79, 6, 1, 16, 0),
+        Insn::new(0xb7, 2, 0, 0, 0),
+    ];
+    while p.len() < n - 1 {
+        let k = p.len();
+        p.push(match k % 4 {
+            0 => Insn::new(0x79, 2, 6, ((k * 8) % 4088) as i16, 0),
+            1 => Insn::new(0x0f, 0, 2, 0, 0),
+            2 => Insn::new(0x25, 0, 0, 0, 1000),
+            _ => Insn::new(0x7b, 6, 0, ((k * 8) % 4088) as i16, 0),
+        });
+    }
+    p.push(Insn::new(0x95, 0, 0, 0, 0));
+    assert_eq!(p.len(), n);
+    let prog = Program::from_insns("largest", &p, Mode::Checked).unwrap();
+    let file = TestFile::new(&[0u8; 4096]);
+    prog.run(file.world(false), &Request::default()).unwrap();
+    p.insert(0, Insn::new(0xb7, 0, 0, 0, 0));
+    let e = Program::from_insns("larger", &p, Mode::Checked).unwrap_err();
+    assert!(format!("{e:?}").contains("TooLarge"), "{e}");
 }

@@ -43,8 +43,12 @@ pub mod run_error {
     pub const TIMEOUT: u32 = 5;
     pub const OUT_OF_RANGE: u32 = 6;
     pub const IO: u32 = 7;
+    /// The engine stopped the program, for executing what the verifier never reached.
     pub const FAULT: u32 = 8;
     pub const ARG: u32 = 9;
+    /// The engine refused a memory access outside the program's memory (only a verifier
+    /// bug lets a program get that far).
+    pub const ACCESS: u32 = 10;
 }
 
 /// `_IOWR('N', nr, size)` as Linux encodes it.

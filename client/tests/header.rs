@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use nearfs_client::abi::{cmd, off};
+use nearfs_client::abi::{cmd, off, run_error};
 
 const PRINT: &str = r#"
 #include <stddef.h>
@@ -30,6 +30,9 @@ int main(void)
     S(nearfs_prog_info) S(nearfs_run) S(nearfs_more)
     C(NEARFS_IOC_VERSION) C(NEARFS_IOC_LOAD) C(NEARFS_IOC_LOG) C(NEARFS_IOC_UNLOAD)
     C(NEARFS_IOC_LIST) C(NEARFS_IOC_RUN) C(NEARFS_IOC_MORE) C(NEARFS_ABI_VERSION)
+    C(NEARFS_RUN_E_INSNS) C(NEARFS_RUN_E_HOPS) C(NEARFS_RUN_E_DEVICE_BYTES)
+    C(NEARFS_RUN_E_OUTPUT_BYTES) C(NEARFS_RUN_E_TIMEOUT) C(NEARFS_RUN_E_OUT_OF_RANGE)
+    C(NEARFS_RUN_E_IO) C(NEARFS_RUN_E_FAULT) C(NEARFS_RUN_E_ARG) C(NEARFS_RUN_E_ACCESS)
     return 0;
 }
 "#;
@@ -118,6 +121,25 @@ fn the_c_header_declares_the_same_structs() {
             "NEARFS_ABI_VERSION",
             u64::from(nearfs_client::abi::ABI_VERSION),
         ),
+        ("NEARFS_RUN_E_INSNS", u64::from(run_error::INSNS)),
+        ("NEARFS_RUN_E_HOPS", u64::from(run_error::HOPS)),
+        (
+            "NEARFS_RUN_E_DEVICE_BYTES",
+            u64::from(run_error::DEVICE_BYTES),
+        ),
+        (
+            "NEARFS_RUN_E_OUTPUT_BYTES",
+            u64::from(run_error::OUTPUT_BYTES),
+        ),
+        ("NEARFS_RUN_E_TIMEOUT", u64::from(run_error::TIMEOUT)),
+        (
+            "NEARFS_RUN_E_OUT_OF_RANGE",
+            u64::from(run_error::OUT_OF_RANGE),
+        ),
+        ("NEARFS_RUN_E_IO", u64::from(run_error::IO)),
+        ("NEARFS_RUN_E_FAULT", u64::from(run_error::FAULT)),
+        ("NEARFS_RUN_E_ARG", u64::from(run_error::ARG)),
+        ("NEARFS_RUN_E_ACCESS", u64::from(run_error::ACCESS)),
     ];
     let got: Vec<(String, u64)> = printed
         .lines()

@@ -757,20 +757,13 @@ impl Filesystem for NearFs {
             Ok(k) => k,
             Err(e) => return reply.error(errno(&e)),
         };
-        let cr = creds(req);
         let caller = Caller {
-            creds: &cr,
+            creds: creds(req),
             ino: h.ino,
             kind,
             mode: h.mode,
         };
-        match self.offload.ioctl(&caller, cmd, in_data) {
-            Ok(answer) if answer.bytes.len() == out_size as usize => {
-                self.offload.reply(h.ino, answer, reply)
-            }
-            Ok(_) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(e),
-        }
+        self.offload.ioctl(caller, cmd, in_data, out_size, reply);
     }
 
     fn lseek(

@@ -8,7 +8,8 @@
 //!   empty for a file without blocks.
 //! - `user.nearfs.stats` (regular files): offload counters since mount: `runs failures
 //!   hops device_bytes bytes_returned insns run_ns`.
-//! - `user.nearfs.fs` (root directory): filesystem facts.
+//! - `user.nearfs.fs` (root directory): filesystem facts, then the mount's offload
+//!   settings (policy, per-user limits, workers) and what users hold.
 //! - `user.nearfs.programs` (root directory): the loaded programs, separated by `; `, each
 //!   `id name owner insns max_insns verify_states verify_us`.
 //!
@@ -53,7 +54,7 @@ pub fn view(
         n if n == EXTENTS.as_bytes() => extents_view(fs, ino),
         n if n == STATS.as_bytes() => Ok(offload.file_stats(ino).into_bytes()),
         n if n == PROGRAMS.as_bytes() => Ok(offload.programs().into_bytes()),
-        _ => Ok(fs_view(fs)),
+        _ => Ok(fs_view(fs, offload)),
     })
 }
 
@@ -74,7 +75,7 @@ fn extents_view(fs: &Fs, ino: Ino) -> extents::Result<Vec<u8>> {
     Ok(parts.join("; ").into_bytes())
 }
 
-fn fs_view(fs: &Fs) -> Vec<u8> {
+fn fs_view(fs: &Fs, offload: &Offload) -> Vec<u8> {
     let i = fs.info();
     let rows: [(&str, String); 14] = [
         ("format_version", i.format_version.to_string()),
@@ -98,6 +99,10 @@ fn fs_view(fs: &Fs) -> Vec<u8> {
         ("metadata_bytes_capacity", i.meta_bytes_capacity.to_string()),
         ("read_only", fs.is_read_only().to_string()),
     ];
-    let words: Vec<String> = rows.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let words: Vec<String> = rows
+        .into_iter()
+        .chain(offload.facts())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     words.join(" ").into_bytes()
 }

@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod mount;
 pub mod offload;
 pub mod prog;
+pub mod workers;

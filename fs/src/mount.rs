@@ -14,7 +14,7 @@ use extents::{Fs, MountOptions};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::daemon::NearFs;
-use crate::offload::{Offload, Policy};
+use crate::offload::{Offload, Policy, Settings};
 
 /// Environment variable through which a daemonized child learns its readiness pipe.
 const READY_FD_ENV: &str = "NEARFS_READY_FD";
@@ -42,10 +42,10 @@ pub struct MountConfig {
     pub log: Option<PathBuf>,
     /// Log verbosity (-v count), handed on to a daemonized child.
     pub verbose: u8,
-    /// What appcode may do on this mount (`offload=off|ro|rw`).
-    pub offload: Policy,
-    /// Runs one user may have going at once (`offload_runs=N`).
-    pub offload_runs: u32,
+    /// What appcode may do on this mount and how much of it each user may have
+    /// (`offload=off|ro|rw`, `offload_runs=N`, `offload_programs=N`, `offload_bytes=SIZE`;
+    /// the workers are as many as `threads`).
+    pub offload: Settings,
     /// Added to every device read and write (`latency=USEC`), to emulate slower media in
     /// benchmarks.
     pub latency: Duration,
@@ -66,8 +66,7 @@ impl MountConfig {
             passthrough: Vec::new(),
             log: None,
             verbose: 0,
-            offload: Policy::ReadWrite,
-            offload_runs: 4,
+            offload: Settings::default(),
             latency: Duration::ZERO,
         }
     }
@@ -97,11 +96,12 @@ impl MountConfig {
                         .parse()
                         .ok()
                         .filter(|&t| (1..=64).contains(&t))
-                        .context("threads=1..64")?
+                        .context("threads=1..64")?;
+                    self.offload.workers = self.threads
                 }
                 ("log", Some(v)) if !v.is_empty() => self.log = Some(v.into()),
                 ("offload", Some(v)) => {
-                    self.offload = match v {
+                    self.offload.policy = match v {
                         "off" => Policy::Off,
                         "ro" => Policy::ReadOnly,
                         "rw" => Policy::ReadWrite,
@@ -109,11 +109,24 @@ impl MountConfig {
                     }
                 }
                 ("offload_runs", Some(v)) => {
-                    self.offload_runs = v
+                    self.offload.runs_per_user = v
                         .parse()
                         .ok()
                         .filter(|&n| (1..=1024).contains(&n))
                         .context("offload_runs=1..1024")?
+                }
+                ("offload_programs", Some(v)) => {
+                    self.offload.programs_per_user = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| (1..=1 << 20).contains(&n))
+                        .context("offload_programs=1..1048576")?
+                }
+                ("offload_bytes", Some(v)) => {
+                    self.offload.bytes_per_user = crate::commands::parse_size(v)
+                        .ok()
+                        .filter(|&n| n >= 1 << 20)
+                        .context("offload_bytes=SIZE (at least 1M; K, M, G suffixes)")?
                 }
                 ("latency", Some(v)) => {
                     self.latency = v
@@ -191,7 +204,7 @@ pub fn mount(cfg: &MountConfig) -> Result<()> {
 }
 
 fn options_string(cfg: &MountConfig) -> String {
-    let offload = match cfg.offload {
+    let offload = match cfg.offload.policy {
         Policy::Off => "off",
         Policy::ReadOnly => "ro",
         Policy::ReadWrite => "rw",
@@ -200,7 +213,9 @@ fn options_string(cfg: &MountConfig) -> String {
         format!("commit={}", cfg.commit_secs),
         format!("threads={}", cfg.threads),
         format!("offload={offload}"),
-        format!("offload_runs={}", cfg.offload_runs),
+        format!("offload_runs={}", cfg.offload.runs_per_user),
+        format!("offload_programs={}", cfg.offload.programs_per_user),
+        format!("offload_bytes={}", cfg.offload.bytes_per_user),
         format!("latency={}", cfg.latency.as_micros()),
     ];
     for (set, name) in [
@@ -324,7 +339,7 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     config.clone_fd = true;
 
     let signals = block_stop_signals();
-    let offload = Arc::new(Offload::new(fs.clone(), cfg.offload, cfg.offload_runs));
+    let offload = Arc::new(Offload::new(fs.clone(), cfg.offload));
     let (session, unmount) = start_session(cfg, NearFs::new(fs.clone(), offload.clone()), config)?;
     offload.set_notifier(session.notifier())?;
     std::thread::Builder::new()
@@ -612,7 +627,7 @@ mod tests {
         let mut c = MountConfig::new("a".into(), "b".into());
         c.apply_options(
             "allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount,log=/tmp/l,\
-             offload=ro,offload_runs=9,latency=80",
+             offload=ro,offload_runs=9,offload_programs=5,offload_bytes=2M,latency=80",
         )
         .unwrap();
         assert!(c.allow_other && c.read_only && c.commit_secs == 2 && c.threads == 3);
@@ -620,13 +635,19 @@ mod tests {
         let mut d = MountConfig::new("a".into(), "b".into());
         d.apply_options(&options_string(&c)).unwrap();
         assert!(d.allow_other && d.read_only && d.commit_secs == 2 && d.threads == 3);
-        assert_eq!(d.offload, Policy::ReadOnly);
-        assert_eq!(d.offload_runs, 9);
+        assert_eq!(d.offload.policy, Policy::ReadOnly);
+        assert_eq!(d.offload.runs_per_user, 9);
+        assert_eq!(d.offload.programs_per_user, 5);
+        assert_eq!(d.offload.bytes_per_user, 2 << 20);
+        assert_eq!(d.offload.workers, 3);
+        assert_eq!(d.offload, c.offload);
         assert_eq!(d.latency, Duration::from_micros(80));
         assert_eq!(d.passthrough, vec![MountOption::NoDev]);
         assert_eq!(d.log.as_deref(), Some(Path::new("/tmp/l")));
         assert!(c.apply_options("bogus").is_err());
         assert!(c.apply_options("commit=0").is_err());
         assert!(c.apply_options("latency=2s").is_err());
+        assert!(c.apply_options("offload_bytes=1K").is_err());
+        assert!(c.apply_options("offload_programs=0").is_err());
     }
 }

@@ -1,11 +1,12 @@
 //! The offload ioctls: loading appcode into the daemon and running it over a file's own
 //! extents (DESIGN.md, "The path of one offload call"; wire format in
-//! `nearfs_client::abi`).
+//! `nearfs_client::abi`; who may do what in `docs/security.md`).
 //!
 //! Who may do what:
 //! - any user may load programs (they are verified; loading is not a privilege) on any
 //!   open file or directory of the mount, and list them; only the loader or root may
-//!   unload one;
+//!   unload one. Each user may hold `offload_programs` programs and `offload_bytes` bytes
+//!   in the daemon (programs, unfinished uploads, logs and unread outputs together);
 //! - a run needs an open handle of the file itself: readable always, writable and the
 //!   write flag to let the program write. The caller's credentials (uid, gid, groups from
 //!   /proc, as for every request) must allow the same access now. The file's owner can
@@ -15,11 +16,17 @@
 //!   filesystem's lock: shared for reading runs, exclusive for writing ones, so a
 //!   read-modify-write is atomic against `write()` and other runs. What it wrote is
 //!   dropped from the kernel's page cache before the ioctl returns: the reply goes through
-//!   the invalidation thread, never from a FUSE worker, because invalidating waits for
-//!   page locks that an in-flight `write()` holds until a worker serves it.
+//!   the invalidation thread, because invalidating waits for page locks that an in-flight
+//!   `write()` holds until a FUSE worker serves it.
+//!
+//! Verifying and compiling a program and running one are done by the offload workers, not
+//! by FUSE workers: a FUSE worker checks the request, hands the work over and goes back to
+//! serving file I/O; the worker replies when done. Every job, and every ioctl, is
+//! panic-contained: a bug costs its caller an EIO, never a thread.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,6 +39,7 @@ use fuser::{Errno, INodeNo, Notifier, ReplyIoctl};
 use nearfs_client::abi::{self, Fields, FieldsMut, cmd, off, run_error};
 
 use crate::errno::errno;
+use crate::workers::{self, Job, Kind, Turn, Workers};
 
 /// The name of the owner's policy attribute.
 pub const POLICY_XATTR: &[u8] = b"user.nearfs.offload";
@@ -39,6 +47,11 @@ pub const POLICY_XATTR: &[u8] = b"user.nearfs.offload";
 const MAX_OBJECT: u64 = 16 << 20;
 /// Unfinished uploads, rejection logs and unread outputs kept per user.
 const MAX_PENDING_PER_USER: usize = 16;
+/// Loads one user may have being verified at once, and waiting.
+const LOADS_PER_USER: u32 = 1;
+const LOADS_WAITING: u32 = 4;
+/// Runs one user may have waiting for a worker (`offload_runs` may be running).
+const RUNS_WAITING: u32 = 64;
 /// How long an upload, a log or an unread output is kept.
 const PENDING_FOR: Duration = Duration::from_secs(60);
 /// Wall-clock limit of a writing run: it holds the filesystem's exclusive lock, so every
@@ -53,6 +66,29 @@ pub enum Policy {
     ReadWrite,
 }
 
+/// The mount's offload settings (`-o offload=,offload_runs=,offload_programs=,
+/// offload_bytes=`) and how many workers run offload jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub policy: Policy,
+    pub runs_per_user: u32,
+    pub programs_per_user: u32,
+    pub bytes_per_user: u64,
+    pub workers: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            policy: Policy::ReadWrite,
+            runs_per_user: 4,
+            programs_per_user: 64,
+            bytes_per_user: 256 << 20,
+            workers: 4,
+        }
+    }
+}
+
 /// Per-file counters, shown as `user.nearfs.stats`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FileStats {
@@ -63,13 +99,16 @@ pub struct FileStats {
     pub bytes_returned: u64,
     pub insns: u64,
     /// Time the daemon spent on runs, from a RUN request's arrival here to the end of the run
-    /// (access checks, waiting for the lock, reads and execution; not the FUSE crossing).
+    /// (access checks, waiting for a worker and the lock, reads and execution; not the FUSE
+    /// crossing).
     pub run_ns: u64,
 }
 
 struct Loaded {
     program: Program,
     owner: u32,
+    /// Bytes charged to the owner for it.
+    bytes: u64,
     verify_time: Duration,
 }
 
@@ -80,15 +119,31 @@ enum Pending {
     Output { bytes: Vec<u8>, at: usize },
 }
 
+impl Pending {
+    fn size(&self) -> u64 {
+        (match self {
+            Pending::Upload { bytes } | Pending::Output { bytes, .. } => bytes.len(),
+            Pending::Log { text } => text.len(),
+        }) as u64
+    }
+}
+
 struct Held {
     owner: u32,
     since: Instant,
     what: Pending,
 }
 
+/// What one user holds in the daemon.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    programs: u32,
+    bytes: u64,
+}
+
 /// The caller of one ioctl.
-pub struct Caller<'a> {
-    pub creds: &'a Creds,
+pub struct Caller {
+    pub creds: Creds,
     pub ino: Ino,
     pub kind: FileKind,
     pub mode: OpenMode,
@@ -96,16 +151,15 @@ pub struct Caller<'a> {
 
 pub struct Offload {
     fs: Arc<Fs>,
-    policy: Policy,
-    runs_per_user: u32,
-    mode: Mode,
+    settings: Settings,
     limits: Limits,
     programs: DashMap<u64, Arc<Loaded>>,
     pending: DashMap<u64, Held>,
     next_id: AtomicU64,
-    running: Mutex<BTreeMap<u32, u32>>,
+    users: Mutex<BTreeMap<u32, Usage>>,
     stats: DashMap<u64, FileStats>,
     invalidator: OnceLock<Mutex<Sender<Invalidate>>>,
+    workers: Workers,
 }
 
 /// A reply to send once file ranges are dropped from the kernel's page cache.
@@ -122,27 +176,21 @@ pub struct Answer {
     pub written: Vec<std::ops::Range<u64>>,
 }
 
-impl std::fmt::Debug for Offload {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Offload")
-            .field("policy", &self.policy)
-            .field("programs", &self.programs.len())
-            .finish()
+impl Answer {
+    fn plain(bytes: Vec<u8>) -> Answer {
+        Answer {
+            bytes,
+            written: Vec::new(),
+        }
     }
 }
 
-/// Counts a user's run while it goes.
-struct RunSlot<'a> {
-    running: &'a Mutex<BTreeMap<u32, u32>>,
-    uid: u32,
-}
-
-impl Drop for RunSlot<'_> {
-    fn drop(&mut self) {
-        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = r.get_mut(&self.uid) {
-            *n -= 1;
-        }
+impl std::fmt::Debug for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offload")
+            .field("settings", &self.settings)
+            .field("programs", &self.programs.len())
+            .finish()
     }
 }
 
@@ -151,19 +199,24 @@ fn bad() -> Errno {
 }
 
 impl Offload {
-    pub fn new(fs: Arc<Fs>, policy: Policy, runs_per_user: u32) -> Offload {
+    pub fn new(fs: Arc<Fs>, settings: Settings) -> Offload {
         Offload {
             fs,
-            policy,
-            runs_per_user,
-            mode: Mode::Checked,
+            settings,
             limits: Limits::default(),
             programs: DashMap::new(),
             pending: DashMap::new(),
             next_id: AtomicU64::new(1),
-            running: Mutex::new(BTreeMap::new()),
+            users: Mutex::new(BTreeMap::new()),
             stats: DashMap::new(),
             invalidator: OnceLock::new(),
+            workers: Workers::new(
+                settings.workers,
+                workers::Limits {
+                    loads: (LOADS_PER_USER, LOADS_WAITING),
+                    runs: (settings.runs_per_user, RUNS_WAITING),
+                },
+            ),
         }
     }
 
@@ -189,7 +242,7 @@ impl Offload {
     }
 
     /// Sends an answer: at once, or after invalidating what the run wrote.
-    pub fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
+    fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
         let Some(tx) = self
             .invalidator
             .get()
@@ -209,8 +262,63 @@ impl Offload {
         }
     }
 
-    /// Handles one ioctl; the answer is the struct to copy back.
-    pub fn ioctl(&self, caller: &Caller<'_>, command: u32, input: &[u8]) -> Result<Answer, Errno> {
+    /// Replies with `result` (an answer or an errno).
+    fn answer(&self, ino: Ino, result: Result<Answer, Errno>, reply: ReplyIoctl) {
+        match result {
+            Ok(a) => self.reply(ino, a, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Queues `work` for an offload worker, which replies with what it returns (EIO if it
+    /// panics); EAGAIN at once if the user has too many jobs of this kind waiting.
+    fn submit(self: &Arc<Self>, ino: Ino, later: Later, reply: ReplyIoctl) {
+        let me = self.clone();
+        let Later { uid, kind, work } = later;
+        let job: Job = Box::new(move |turn| {
+            if turn == Turn::Refused {
+                tracing::debug!(uid, ?kind, "offload queue full");
+                return reply.error(Errno::EAGAIN);
+            }
+            let result = catch_unwind(AssertUnwindSafe(|| work(&me))).unwrap_or_else(|_| {
+                tracing::error!("an offload job panicked; its caller gets EIO");
+                Err(Errno::EIO)
+            });
+            me.answer(ino, result, reply);
+        });
+        self.workers.submit(uid, kind, job);
+    }
+
+    /// Handles one ioctl and replies, now or from a worker.
+    pub fn ioctl(
+        self: &Arc<Self>,
+        caller: Caller,
+        command: u32,
+        input: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let ino = caller.ino;
+        let handled = catch_unwind(AssertUnwindSafe(|| {
+            self.dispatch(caller, command, input, out_size)
+        }));
+        match handled {
+            Ok(Dispatch::Now(result)) => self.answer(ino, result, reply),
+            Ok(Dispatch::Later(later)) => self.submit(ino, later, reply),
+            Err(_) => {
+                tracing::error!(command, "an offload ioctl panicked; its caller gets EIO");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        caller: Caller,
+        command: u32,
+        input: &[u8],
+        out_size: u32,
+    ) -> Dispatch {
         let size = match command {
             cmd::VERSION => cmd::VERSION_SIZE,
             cmd::LOAD => cmd::LOAD_SIZE,
@@ -219,37 +327,85 @@ impl Offload {
             cmd::LIST => cmd::LIST_SIZE,
             cmd::RUN => cmd::RUN_SIZE,
             cmd::MORE => cmd::MORE_SIZE,
-            _ => return Err(Errno::ENOTTY),
+            _ => return Dispatch::Now(Err(Errno::ENOTTY)),
         };
-        if input.len() != size {
-            return Err(bad());
+        if input.len() != size || out_size as usize != size {
+            return Dispatch::Now(Err(bad()));
         }
         let mut b = input.to_vec();
-        let mut written = Vec::new();
         if command == cmd::VERSION {
             b.put_u32(off::VERSION, abi::ABI_VERSION);
-            return Ok(Answer { bytes: b, written });
+            return Dispatch::Now(Ok(Answer::plain(b)));
         }
         if b.u32_at(off::VERSION) != abi::ABI_VERSION {
-            return Err(Errno::EPROTO);
+            return Dispatch::Now(Err(Errno::EPROTO));
         }
-        if self.policy == Policy::Off {
-            return Err(Errno::EOPNOTSUPP);
+        if self.settings.policy == Policy::Off {
+            return Dispatch::Now(Err(Errno::EOPNOTSUPP));
         }
         self.expire();
+        let now = |r: Result<(), Errno>, b: Vec<u8>| Dispatch::Now(r.map(|()| Answer::plain(b)));
         match command {
-            cmd::LOAD => self.load(caller, &mut b)?,
-            cmd::LOG => self.log(caller, &mut b)?,
-            cmd::UNLOAD => self.unload(caller, &b)?,
-            cmd::LIST => self.list(&mut b)?,
-            cmd::RUN => written = self.run(caller, &mut b)?,
-            _ => self.more(caller, &mut b)?,
+            cmd::LOAD => self.load(&caller, b),
+            cmd::RUN => self.run(caller, b),
+            cmd::LOG => {
+                let r = self.log(&caller, &mut b);
+                now(r, b)
+            }
+            cmd::UNLOAD => {
+                let r = self.unload(&caller, &b);
+                now(r, b)
+            }
+            cmd::LIST => {
+                let r = self.list(&mut b);
+                now(r, b)
+            }
+            _ => {
+                let r = self.more(&caller, &mut b);
+                now(r, b)
+            }
         }
-        Ok(Answer { bytes: b, written })
+    }
+
+    /// Changes user `uid`'s usage.
+    fn usage<R>(&self, uid: u32, f: impl FnOnce(&mut Usage) -> R) -> R {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        f(users.entry(uid).or_default())
+    }
+
+    /// Charges `bytes` to `uid`; EDQUOT if that would pass the per-user limit.
+    fn charge(&self, uid: u32, bytes: u64) -> Result<(), Errno> {
+        let limit = self.settings.bytes_per_user;
+        self.usage(uid, |u| {
+            if u.bytes.saturating_add(bytes) > limit {
+                return Err(Errno::EDQUOT);
+            }
+            u.bytes += bytes;
+            Ok(())
+        })
+    }
+
+    fn refund(&self, uid: u32, bytes: u64) {
+        self.usage(uid, |u| u.bytes = u.bytes.saturating_sub(bytes));
     }
 
     fn expire(&self) {
-        self.pending.retain(|_, h| h.since.elapsed() < PENDING_FOR);
+        let old: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|h| h.since.elapsed() >= PENDING_FOR)
+            .map(|h| *h.key())
+            .collect();
+        for token in old {
+            self.release(token);
+        }
+    }
+
+    /// Drops what a user left under `token`, refunding its bytes.
+    fn release(&self, token: u64) -> Option<Held> {
+        let (_, held) = self.pending.remove(&token)?;
+        self.refund(held.owner, held.what.size());
+        Some(held)
     }
 
     /// Keeps `what` for `owner`; the token to fetch it by.
@@ -258,6 +414,7 @@ impl Offload {
         if mine >= MAX_PENDING_PER_USER {
             return Err(Errno::EAGAIN);
         }
+        self.charge(owner, what.size())?;
         let token = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.insert(
             token,
@@ -270,88 +427,139 @@ impl Offload {
         Ok(token)
     }
 
-    fn load(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<(), Errno> {
+    /// A LOAD chunk; the last one is verified and compiled by a worker.
+    fn load(self: &Arc<Self>, caller: &Caller, mut b: Vec<u8>) -> Dispatch {
         let uid = caller.creds.uid;
-        let flags = b.u32_at(off::FLAGS);
-        if flags & !abi::LOAD_LAST != 0 {
-            return Err(bad());
-        }
-        let (session, at, len) = (
-            b.u64_at(off::load::SESSION),
-            b.u64_at(off::load::OFFSET),
-            b.u32_at(off::load::LEN) as usize,
-        );
-        if len > abi::LOAD_CHUNK || at.saturating_add(len as u64) > MAX_OBJECT {
-            return Err(if len > abi::LOAD_CHUNK {
-                bad()
-            } else {
-                Errno::EFBIG
-            });
-        }
-        let chunk = b[off::load::DATA..off::load::DATA + len].to_vec();
-        let session = if session == 0 {
-            if at != 0 {
+        let taken = (|| {
+            let flags = b.u32_at(off::FLAGS);
+            if flags & !abi::LOAD_LAST != 0 {
                 return Err(bad());
             }
-            self.hold(uid, Pending::Upload { bytes: Vec::new() })?
-        } else {
-            session
-        };
-        let object = {
-            let mut held = self.pending.get_mut(&session).ok_or(Errno::ENOENT)?;
-            if held.owner != uid {
-                return Err(Errno::ENOENT);
-            }
-            held.since = Instant::now();
-            let Pending::Upload { bytes } = &mut held.what else {
+            let (session, at, len) = (
+                b.u64_at(off::load::SESSION),
+                b.u64_at(off::load::OFFSET),
+                b.u32_at(off::load::LEN) as usize,
+            );
+            if len > abi::LOAD_CHUNK {
                 return Err(bad());
+            }
+            if at.saturating_add(len as u64) > MAX_OBJECT {
+                return Err(Errno::EFBIG);
+            }
+            let last = flags & abi::LOAD_LAST != 0;
+            // A last chunk needs room for one more program: ask before anything.
+            if last && self.usage(uid, |u| u.programs) >= self.settings.programs_per_user {
+                return Err(Errno::EDQUOT);
+            }
+            let session = match session {
+                0 if at == 0 => self.hold(uid, Pending::Upload { bytes: Vec::new() })?,
+                0 => return Err(bad()),
+                s => s,
             };
-            if at != bytes.len() as u64 {
-                return Err(bad());
+            {
+                let mut held = self
+                    .pending
+                    .get_mut(&session)
+                    .filter(|h| h.owner == uid)
+                    .ok_or(Errno::ENOENT)?;
+                let Pending::Upload { bytes } = &mut held.what else {
+                    return Err(bad());
+                };
+                if at != bytes.len() as u64 {
+                    return Err(bad());
+                }
+                self.charge(uid, len as u64)?;
+                bytes.extend_from_slice(&b[off::load::DATA..off::load::DATA + len]);
+                held.since = Instant::now();
             }
-            bytes.extend_from_slice(&chunk);
-            if flags & abi::LOAD_LAST == 0 {
-                b.put_u64(off::load::SESSION, session);
-                return Ok(());
-            }
-            std::mem::take(bytes)
+            Ok((session, last))
+        })();
+        let (session, last) = match taken {
+            Ok(t) => t,
+            Err(e) => return Dispatch::Now(Err(e)),
         };
-        self.pending.remove(&session);
+        if !last {
+            b.put_u64(off::load::SESSION, session);
+            return Dispatch::Now(Ok(Answer::plain(b)));
+        }
+        // The object stays charged to the user until the worker is done with it.
+        let object = match self.pending.remove(&session).map(|(_, h)| h.what) {
+            Some(Pending::Upload { bytes }) => bytes,
+            _ => return Dispatch::Now(Err(Errno::ENOENT)),
+        };
         let name = b.str_at(off::load::NAME, abi::NAME_SIZE);
+        Dispatch::Later(Later {
+            uid,
+            kind: Kind::Load,
+            work: Box::new(move |me: &Arc<Offload>| {
+                let r = me.verify(uid, &object, &name, &mut b);
+                me.refund(uid, object.len() as u64);
+                r.map(|()| Answer::plain(b))
+            }),
+        })
+    }
+
+    /// Verifies and compiles `object` for `uid` (on a worker) and fills in the LOAD reply.
+    fn verify(&self, uid: u32, object: &[u8], name: &str, b: &mut [u8]) -> Result<(), Errno> {
         let name = (!name.is_empty()).then_some(name);
         let start = Instant::now();
-        match Program::from_elf(&object, name.as_deref(), self.mode) {
-            Ok(program) => {
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(id, name = program.name(), uid, "program loaded");
-                self.programs.insert(
-                    id,
-                    Arc::new(Loaded {
-                        program,
-                        owner: uid,
-                        verify_time: start.elapsed(),
-                    }),
-                );
-                b.put_u64(off::load::PROG_ID, id);
-                b.put_i32(off::load::STATUS, 0);
-            }
+        let loaded = Program::from_elf(object, name, Mode::Checked);
+        let verify_time = start.elapsed();
+        let refused = |me: &Self, b: &mut [u8], text: String, status: i32| {
+            let log_len = text.len() as u32;
+            let token = me.hold(uid, Pending::Log { text })?;
+            b.put_u64(off::load::SESSION, token);
+            b.put_i32(off::load::STATUS, status);
+            b.put_u32(off::load::LOG_LEN, log_len);
+            Ok(())
+        };
+        let program = match loaded {
+            Ok(p) => p,
             Err(e) => {
-                let text = e.to_string();
                 let status = match e {
                     ProgramError::Engine(_) => -libc::EIO,
                     _ => -libc::EINVAL,
                 };
-                let log_len = text.len() as u32;
-                let token = self.hold(uid, Pending::Log { text })?;
-                b.put_u64(off::load::SESSION, token);
-                b.put_i32(off::load::STATUS, status);
-                b.put_u32(off::load::LOG_LEN, log_len);
+                return refused(self, b, e.to_string(), status);
             }
+        };
+        let bytes = program.footprint() as u64;
+        let admitted = self.usage(uid, |u| {
+            let fits = u.programs < self.settings.programs_per_user
+                && u.bytes.saturating_add(bytes) <= self.settings.bytes_per_user;
+            if fits {
+                u.programs += 1;
+                u.bytes += bytes;
+            }
+            fits
+        });
+        if !admitted {
+            let text = format!(
+                "{}: accepted, but it does not fit: uid {uid} may hold {} programs and {} bytes \
+                 on this mount (offload_programs=, offload_bytes=); unload some first",
+                program.name(),
+                self.settings.programs_per_user,
+                self.settings.bytes_per_user
+            );
+            return refused(self, b, text, -libc::EDQUOT);
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(id, name = program.name(), uid, bytes, "program loaded");
+        self.programs.insert(
+            id,
+            Arc::new(Loaded {
+                program,
+                owner: uid,
+                bytes,
+                verify_time,
+            }),
+        );
+        b.put_u64(off::load::PROG_ID, id);
+        b.put_i32(off::load::STATUS, 0);
         Ok(())
     }
 
-    fn log(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<(), Errno> {
+    fn log(&self, caller: &Caller, b: &mut [u8]) -> Result<(), Errno> {
         let held = self
             .pending
             .get(&b.u64_at(off::log::SESSION))
@@ -368,14 +576,19 @@ impl Offload {
         Ok(())
     }
 
-    fn unload(&self, caller: &Caller<'_>, b: &[u8]) -> Result<(), Errno> {
+    fn unload(&self, caller: &Caller, b: &[u8]) -> Result<(), Errno> {
         let id = b.u64_at(off::unload::PROG_ID);
         let owner = self.programs.get(&id).ok_or(Errno::ENOENT)?.owner;
         if owner != caller.creds.uid && !caller.creds.is_root() {
             return Err(Errno::EPERM);
         }
         // Runs holding the program keep it until they finish.
-        self.programs.remove(&id);
+        if let Some((_, p)) = self.programs.remove(&id) {
+            self.usage(p.owner, |u| {
+                u.programs -= 1;
+                u.bytes = u.bytes.saturating_sub(p.bytes);
+            });
+        }
         Ok(())
     }
 
@@ -409,7 +622,7 @@ impl Offload {
     }
 
     /// May this caller run offload on its file, reading (and writing)?
-    fn allowed(&self, caller: &Caller<'_>, write: bool) -> Result<(), Errno> {
+    fn allowed(&self, caller: &Caller, write: bool) -> Result<(), Errno> {
         match caller.kind {
             FileKind::RegularFile => {}
             FileKind::Directory => return Err(Errno::EISDIR),
@@ -418,12 +631,12 @@ impl Offload {
         if !caller.mode.read || write && !caller.mode.write {
             return Err(Errno::EBADF);
         }
-        if write && self.policy == Policy::ReadOnly {
+        if write && self.settings.policy == Policy::ReadOnly {
             return Err(Errno::EROFS);
         }
         let mask = 4 | if write { 2 } else { 0 };
         self.fs
-            .access(caller.creds, caller.ino, mask)
+            .access(&caller.creds, caller.ino, mask)
             .map_err(|e| errno(&e))?;
         match self.fs.getxattr(&Creds::root(), caller.ino, POLICY_XATTR) {
             Ok(v) if v == b"off" => Err(Errno::EPERM),
@@ -432,33 +645,66 @@ impl Offload {
         }
     }
 
-    /// Runs a program; returns the file ranges it wrote.
-    fn run(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<Vec<std::ops::Range<u64>>, Errno> {
+    /// A RUN: checked here, run by a worker.
+    fn run(self: &Arc<Self>, caller: Caller, b: Vec<u8>) -> Dispatch {
         let started = Instant::now();
-        let flags = b.u32_at(off::FLAGS);
-        if flags & !abi::RUN_WRITE != 0 {
-            return Err(bad());
-        }
-        let write = flags & abi::RUN_WRITE != 0;
-        self.allowed(caller, write)?;
-        let loaded = self
-            .programs
-            .get(&b.u64_at(off::run::PROG_ID))
-            .map(|p| p.clone())
-            .ok_or(Errno::ENOENT)?;
+        let checked = (|| {
+            let flags = b.u32_at(off::FLAGS);
+            if flags & !abi::RUN_WRITE != 0 {
+                return Err(bad());
+            }
+            let write = flags & abi::RUN_WRITE != 0;
+            self.allowed(&caller, write)?;
+            let loaded = self
+                .programs
+                .get(&b.u64_at(off::run::PROG_ID))
+                .map(|p| p.clone())
+                .ok_or(Errno::ENOENT)?;
+            if b.u32_at(off::run::ARG_LEN) as usize > abi::ARG_SIZE {
+                return Err(Errno::E2BIG);
+            }
+            Ok((write, loaded))
+        })();
+        let (write, loaded) = match checked {
+            Ok(c) => c,
+            Err(e) => return Dispatch::Now(Err(e)),
+        };
+        Dispatch::Later(Later {
+            uid: caller.creds.uid,
+            kind: Kind::Run,
+            work: Box::new(move |me: &Arc<Offload>| {
+                let mut b = b;
+                let written = me.execute(&caller, &loaded, write, started, &mut b)?;
+                Ok(Answer { bytes: b, written })
+            }),
+        })
+    }
+
+    /// Runs a program (on a worker); returns the file ranges it wrote.
+    fn execute(
+        &self,
+        caller: &Caller,
+        loaded: &Loaded,
+        write: bool,
+        started: Instant,
+        b: &mut [u8],
+    ) -> Result<Vec<std::ops::Range<u64>>, Errno> {
         let arg_len = b.u32_at(off::run::ARG_LEN) as usize;
-        if arg_len > abi::ARG_SIZE {
-            return Err(Errno::E2BIG);
-        }
         let start = b.u64_at(off::run::RANGE_OFF);
         let len = b.u64_at(off::run::RANGE_LEN);
         let uid = caller.creds.uid;
-        let _slot = self.take_slot(uid)?;
         let arg = b[off::run::ARG..off::run::ARG + arg_len].to_vec();
         let mut limits = self.limits;
         if write {
             limits.wall = limits.wall.min(WRITE_RUN_WALL);
         }
+        // Output that does not fit one reply is held until fetched: it must fit the user's
+        // bytes, so the run is not allowed to make more.
+        let room = self
+            .settings
+            .bytes_per_user
+            .saturating_sub(self.usage(uid, |u| u.bytes));
+        limits.output_bytes = limits.output_bytes.min(room.max(abi::OUT_CHUNK as u64));
         let req = Request { arg: &arg, limits };
         let outcome = self
             .fs
@@ -525,7 +771,12 @@ impl Offload {
                 stats.failures += 1;
                 drop(stats);
                 let (kind, errno) = classify(&e);
-                tracing::debug!(error = %e, "run failed");
+                match kind {
+                    run_error::ACCESS | run_error::FAULT => {
+                        tracing::warn!(error = %e, uid, "run stopped by the engine")
+                    }
+                    _ => tracing::debug!(error = %e, "run failed"),
+                }
                 b.put_i32(off::run::STATUS, -errno);
                 b.put_u32(off::run::RUN_ERROR, kind);
                 Ok(Vec::new())
@@ -533,20 +784,7 @@ impl Offload {
         }
     }
 
-    fn take_slot(&self, uid: u32) -> Result<RunSlot<'_>, Errno> {
-        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let n = r.entry(uid).or_default();
-        if *n >= self.runs_per_user {
-            return Err(Errno::EAGAIN);
-        }
-        *n += 1;
-        Ok(RunSlot {
-            running: &self.running,
-            uid,
-        })
-    }
-
-    fn more(&self, caller: &Caller<'_>, b: &mut [u8]) -> Result<(), Errno> {
+    fn more(&self, caller: &Caller, b: &mut [u8]) -> Result<(), Errno> {
         let token = b.u64_at(off::more::TOKEN);
         let mut held = self
             .pending
@@ -564,7 +802,7 @@ impl Offload {
         b.put_u32(off::more::LEFT, left.min(u32::MAX as usize) as u32);
         drop(held);
         if left == 0 {
-            self.pending.remove(&token);
+            self.release(token);
         }
         Ok(())
     }
@@ -576,6 +814,33 @@ impl Offload {
             "runs={} failures={} hops={} device_bytes={} bytes_returned={} insns={} run_ns={}",
             s.runs, s.failures, s.hops, s.device_bytes, s.bytes_returned, s.insns, s.run_ns
         )
+    }
+
+    /// The offload part of `user.nearfs.fs`: the mount's settings and what is held.
+    pub fn facts(&self) -> Vec<(&'static str, String)> {
+        let s = &self.settings;
+        let policy = match s.policy {
+            Policy::Off => "off",
+            Policy::ReadOnly => "ro",
+            Policy::ReadWrite => "rw",
+        };
+        let held: u64 = self
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|u| u.bytes)
+            .sum();
+        vec![
+            ("offload", policy.to_string()),
+            ("offload_engine", "checked".to_string()),
+            ("offload_runs", s.runs_per_user.to_string()),
+            ("offload_programs", s.programs_per_user.to_string()),
+            ("offload_bytes", s.bytes_per_user.to_string()),
+            ("offload_workers", s.workers.to_string()),
+            ("programs_loaded", self.programs.len().to_string()),
+            ("offload_bytes_held", held.to_string()),
+        ]
     }
 
     /// `user.nearfs.programs` on the root: the loaded programs.
@@ -593,17 +858,35 @@ impl Offload {
             }
             let _ = write!(
                 out,
-                "id={id} name={} owner={} insns={} max_insns={} verify_states={} verify_us={}",
+                "id={id} name={} owner={} insns={} max_insns={} verify_states={} verify_us={} \
+                 bytes={}",
                 p.program.name(),
                 p.owner,
                 p.program.insns().len(),
                 v.max_insns,
                 v.states,
-                p.verify_time.as_micros()
+                p.verify_time.as_micros(),
+                p.bytes
             );
         }
         out
     }
+}
+
+/// What a worker does for an ioctl; what it returns is the reply.
+type Work = Box<dyn FnOnce(&Arc<Offload>) -> Result<Answer, Errno> + Send>;
+
+/// Work for an offload worker, for user `uid`.
+struct Later {
+    uid: u32,
+    kind: Kind,
+    work: Work,
+}
+
+/// What to do with an ioctl: reply now, or on a worker.
+enum Dispatch {
+    Now(Result<Answer, Errno>),
+    Later(Later),
 }
 
 fn put_costs(b: &mut [u8], c: &appcode::Costs) {
@@ -624,6 +907,7 @@ fn classify(e: &RunError) -> (u32, i32) {
         RunError::OutOfRange { .. } => (run_error::OUT_OF_RANGE, libc::ERANGE),
         RunError::ArgTooLarge { .. } => (run_error::ARG, libc::E2BIG),
         RunError::Io(_) => (run_error::IO, libc::EIO),
+        RunError::Access { .. } => (run_error::ACCESS, libc::EFAULT),
         _ => (run_error::FAULT, libc::EFAULT),
     }
 }

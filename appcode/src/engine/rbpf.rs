@@ -63,7 +63,11 @@ impl Rbpf {
             }
             Ok(vm)
         };
-        match build() {
+        // rbpf's JIT asserts that the code fits its one-page buffer: a large program panics
+        // in there, which must cost a load, not the thread.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+            .unwrap_or_else(|_| Err(std::io::Error::other("rbpf's JIT cannot hold the program")));
+        match built {
             Ok(vm) => Ok(Rbpf {
                 vm: ManuallyDrop::new(vm),
                 code,
@@ -164,7 +168,9 @@ fn with_host(f: impl FnOnce(&mut Host<'_, '_>) -> u64) -> u64 {
 fn call(k: usize, args: [u64; 5]) -> u64 {
     with_host(|host| {
         let h = &HELPERS[k];
-        if !host.run.charge((h.cost)(&args)) {
+        // rbpf counts nothing, so helper calls are where the clock is checked inside an
+        // invocation.
+        if !host.run.charge((h.cost)(&args)) || !host.run.check_clock() {
             return (-errno::ENOSPC) as u64;
         }
         h.call(host.run, &mut host.mem, &args)

@@ -1,4 +1,5 @@
 // expect: reject OutOfBounds
+// unchecked: result 65536
 #include "nearfs.h"
 
 /* Reads the context at an offset the caller chooses. */

@@ -1,4 +1,5 @@
-// expect: reject HelperArg line=10
+// expect: reject HelperArg line=11
+// unchecked: reject UninitStack
 #include "nearfs.h"
 
 NEARFS_PROG("lies") long lies(struct nearfs_ctx *ctx)

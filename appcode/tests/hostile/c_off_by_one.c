@@ -1,4 +1,5 @@
-// expect: reject OutOfBounds line=10
+// expect: reject OutOfBounds line=11
+// unchecked: run Access
 #include "nearfs.h"
 
 NEARFS_PROG("off_by_one") long off_by_one(struct nearfs_ctx *ctx)

@@ -1,4 +1,5 @@
-// expect: reject OutOfBounds line=11
+// expect: reject OutOfBounds line=12
+// unchecked: run Access
 #include "nearfs.h"
 
 NEARFS_PROG("straddle") long straddle(struct nearfs_ctx *ctx)

@@ -1,4 +1,5 @@
 # expect: reject HelperArg
+# unchecked: run Access
 # 64 bytes into an 8-byte stack slot
 mov %r1, 0
 mov %r2, %r10

@@ -1,4 +1,5 @@
 # expect: reject HelperArg
+# unchecked: run InsnLimit
 # a length taken from the file
 ldxdw %r4, [%r1]
 ldxdw %r3, [%r4]

@@ -1,4 +1,5 @@
 # expect: reject HelperArg
+# unchecked: reject HelperArg
 # emits stack bytes that were never written
 mov %r1, %r10
 add %r1, -16

@@ -1,4 +1,5 @@
 # expect: reject HelperArg
+# unchecked: run Access
 ldxdw %r2, [%r1]
 mov %r1, 0
 mov %r3, 8

@@ -1,4 +1,5 @@
 # expect: reject HelperArg
+# unchecked: reject HelperArg
 # a pointer passed where the helper wants a file offset
 mov %r3, 8
 mov %r2, %r10

@@ -1,4 +1,5 @@
 # expect: reject HelperArg
+# unchecked: reject HelperArg
 stxdw [%r10-8], %r1
 mov %r1, %r10
 add %r1, -8

@@ -1,4 +1,5 @@
 # expect: reject OutOfBounds
+# unchecked: result 1084818905618843912
 # checks p + 4 <= end, then reads 8 bytes
 ldxdw %r2, [%r1]
 ldxdw %r3, [%r1+8]

@@ -1,4 +1,5 @@
 # expect: reject OutOfBounds
+# unchecked: run Access
 stdw [%r10], 1
 mov %r0, 0
 exit

@@ -1,4 +1,5 @@
 # expect: reject OutOfBounds
+# unchecked: result 8
 # an index from the file, masked to 13 bits: up to 8191
 ldxdw %r2, [%r1]
 ldxh %r3, [%r2]

@@ -64,7 +64,9 @@ pub(in crate::verify) fn step(env: &mut Env<'_>, state: &mut State, id: i32) -> 
             }
         };
         match region {
-            Region::Ctx => return Err(bad(k + 1, "the context cannot be passed to helpers")),
+            Region::Ctx if env.checks.memory => {
+                return Err(bad(k + 1, "the context cannot be passed to helpers"));
+            }
             Region::Stack => {
                 env.stack_used = env.stack_used.max((STACK_SIZE as i64 - lo) as usize);
                 if writes {
@@ -85,7 +87,7 @@ pub(in crate::verify) fn step(env: &mut Env<'_>, state: &mut State, id: i32) -> 
                 }
             }
             Region::Scratch => {}
-            _ if writes => {
+            _ if writes && env.checks.memory => {
                 return Err(bad(
                     k + 1,
                     "the helper writes here, and this memory is read-only",
