@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the appcode fuzz targets (appcode/fuzz) for SECONDS each (default 60):
 #   load          any bytes as an ELF object
-#   verify        any bytes as an instruction stream
-#   differential  generated programs that verify, JIT against interpreter
+#   verify        any bytes as a file, an argument and an instruction stream; whatever is
+#                 accepted runs on the checked engine, where it must never fault, and on
+#                 rbpf's interpreter, which must agree
+#   differential  generated programs that verify often: checked engine against interpreter
 # Seeds come from the bpf-progs examples and the hostile corpus. Needs cargo-fuzz
 # (cargo install cargo-fuzz); on a stable toolchain RUSTC_BOOTSTRAP lets it pass its
 # nightly flags, and sanitizers stay off (-s none).
@@ -16,8 +18,18 @@ mkdir -p "$corpus/load" "$corpus/verify" "$corpus/differential"
 for c in bpf-progs/*.c appcode/tests/hostile/*.c; do
     name=$(basename "$c" .c)
     clang -O2 -g -target bpf -mcpu=v3 -I bpf-progs/include -c "$c" -o "$corpus/load/$name.o"
-    # The program section's bytes seed the verifier.
-    llvm-objcopy -O binary --only-section="nearfs/*" "$corpus/load/$name.o" "$corpus/verify/$name.bin" 2>/dev/null || true
+    # The program section's bytes seed the verifier, after a 4 KiB file of pattern bytes and
+    # a 16-byte argument (the target's input: file length, argument length, file, argument,
+    # program).
+    if llvm-objcopy -O binary --only-section="nearfs/*" "$corpus/load/$name.o" "$corpus/verify/$name.code" 2>/dev/null; then
+        {
+            printf '\x00\x10\x10\x00'
+            head -c 4096 /dev/zero | tr '\0' '\7'
+            printf '\x07\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\x7f'
+            cat "$corpus/verify/$name.code"
+        } >"$corpus/verify/$name.bin"
+        rm "$corpus/verify/$name.code"
+    fi
 done
 cd appcode/fuzz
 cargo fuzz build -s none

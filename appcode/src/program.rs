@@ -324,6 +324,52 @@ impl Program {
     }
 }
 
+/// Runs `insns` as the eBPF conformance suite does — r1 pointing at `mem`, which the
+/// program may read and write, r2 holding its length — on the checked engine, *without the
+/// verifier*: the engine's run-time checks are all that stand between the program and the
+/// process, which is what this shows. Local calls are inlined first. `Ok(Err(_))` is a run
+/// that failed, `Err(_)` a program that could not be built. For the suite's vectors
+/// (`examples/conformance.rs`); nearfs runs no program from a user this way.
+pub fn run_unverified(
+    insns: &[Insn],
+    mem: &[u8],
+    limits: crate::Limits,
+) -> Result<Result<u64, RunError>, ProgramError> {
+    if mem.len() > abi::SCRATCH_SIZE {
+        return Err(ProgramError::Engine(format!(
+            "{} bytes of memory; at most {} fit",
+            mem.len(),
+            abi::SCRATCH_SIZE
+        )));
+    }
+    let inlined = inline::inline(insns, &[]).map_err(ProgramError::Inline)?;
+    let mov = |r: u8, v: u64| Insn::new(insn::class::ALU64 | insn::alu::MOV, r, 0, 0, v as i32);
+    let code: Vec<Insn> = [mov(1, guest::SCRATCH), mov(2, mem.len() as u64)]
+        .into_iter()
+        .chain(inlined.insns)
+        .collect();
+    let globals = Globals::default();
+    let targets = vec![verify::Target::Unreached; code.len()];
+    let compiled = Compiled::new(&code, &targets, &globals).map_err(ProgramError::Engine)?;
+    let device = blockdev::MemDevice::new(0);
+    let world = World {
+        device: &device,
+        extents: &[],
+        file_size: 0,
+        range: 0..0,
+        writable: false,
+    };
+    let mut run = Run::new(world, limits, SLICE);
+    Ok(ARENA.with(|arena| {
+        let arena = &mut *arena.borrow_mut();
+        for area in Area::ALL {
+            arena.area(area).fill(0);
+        }
+        arena.area(Area::Scratch)[..mem.len()].copy_from_slice(mem);
+        compiled.invoke(arena, &globals, &mut run)
+    }))
+}
+
 fn pick<'l>(loaded: &'l Loaded, name: Option<&str>) -> Result<&'l Linked, ProgramError> {
     let found = match name {
         Some(n) => loaded.programs.iter().find(|p| p.name == n),

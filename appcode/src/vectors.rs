@@ -65,7 +65,28 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Where the suite lives relative to this crate: `shared/` beside the repository.
+/// The environment variable that says where the suite's `tests/` directory is.
+pub const DIR_ENV: &str = "NEARFS_CONFORMANCE_DIR";
+
+/// Where the suite lives when nothing says otherwise: `shared/` beside the repository.
 pub fn default_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bpf_conformance/tests")
+}
+
+/// Where the suite is: `$NEARFS_CONFORMANCE_DIR` if set (it must exist then), else
+/// [`default_dir`] if it exists; otherwise why not, for tests to report as skipped (a
+/// plain clone has no `shared/` beside it).
+pub fn dir() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os(DIR_ENV) {
+        return Ok(PathBuf::from(d));
+    }
+    let d = default_dir();
+    if d.is_dir() {
+        Ok(d)
+    } else {
+        Err(format!(
+            "no eBPF conformance vectors at {} and {DIR_ENV} is not set",
+            d.display()
+        ))
+    }
 }

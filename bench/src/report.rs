@@ -170,9 +170,9 @@ impl Results {
             targets.push(Target {
                 what: "offloaded scan over cached data (filter + aggregate), slowest selectivity"
                     .into(),
-                want: "≥ 1 GB/s".into(),
+                want: "≥ 2 GB/s".into(),
                 measured: format!("{gbs:.2} GB/s"),
-                met: gbs >= 1.0,
+                met: gbs >= 2.0,
             });
         }
         if let Some(o) = &self.overheads {
@@ -186,18 +186,21 @@ impl Results {
                 });
             }
             targets.push(Target {
-                what: "setting up a run (JIT)".into(),
+                what: "setting up a run (checked engine)".into(),
                 want: "< 1 µs".into(),
-                measured: format!("{:.0} ns", o.setup_ns_jit),
-                met: o.setup_ns_jit < 1000.0,
+                measured: format!("{:.0} ns", o.setup_ns[0]),
+                met: o.setup_ns[0] < 1000.0,
             });
-            if let Some(scan) = o.engines.iter().find(|e| e.jit_mb_per_sec.is_some()) {
-                let ratio = scan.interpreter_us / scan.jit_us;
+            if let Some(lookup) = o.engines.first() {
+                let ratio = lookup.us[0] / lookup.us[1];
                 targets.push(Target {
-                    what: format!("JIT / interpreter, {}", scan.workload),
-                    want: "≥ 100×".into(),
-                    measured: format!("{ratio:.0}×"),
-                    met: ratio >= 100.0,
+                    what: format!(
+                        "runtime time per lookup, checked engine / unchecked JIT ({})",
+                        lookup.workload
+                    ),
+                    want: "≤ 1.3×".into(),
+                    measured: format!("{ratio:.2}× ({:.2} / {:.2} µs)", lookup.us[0], lookup.us[1]),
+                    met: ratio <= 1.3,
                 });
             }
         }
@@ -405,37 +408,56 @@ impl Results {
 
 fn overhead_tables(s: &mut String, o: &Overheads) {
     s.push_str(
-        "\n### Runtime overheads\n\nVerification of each example in `bpf-progs/` (target < 50 ms); \
-         \"worst case\" is the verifier's proven bound on instructions per invocation.\n\n\
-         | program | instructions | worst case | processed | states | time |\n|---|---:|---:|---:|---:|---:|\n",
+        "\n### Runtime overheads\n\nVerification of each example in `bpf-progs/` (target < 50 ms) and \
+         compiling it for the checked engine; \"worst case\" is the verifier's proven bound on \
+         instructions per invocation, \"held\" what the loaded program occupies (code, \
+         instructions, globals).\n\n\
+         | program | instructions | worst case | processed | states | verify | compile | held |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for v in &o.verification {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.2} ms |",
-            v.program, v.insns, v.max_insns, v.processed, v.states, v.ms
+            "| {} | {} | {} | {} | {} | {:.2} ms | {:.2} ms | {} |",
+            v.program,
+            v.insns,
+            v.max_insns,
+            v.processed,
+            v.states,
+            v.ms,
+            v.compile_ms,
+            bytes(v.bytes)
         );
     }
-    s.push_str("\n| workload | JIT | interpreter | ratio |\n|---|---:|---:|---:|\n");
+    s.push_str(
+        "\nThe same runs on each engine, in this process (no FUSE): time per run, and GB/s for \
+         the scans. The checked engine checks every access and counts every instruction; \
+         rbpf's JIT checks nothing (nearfs ran it until this engine replaced it); rbpf's \
+         interpreter is the reference.\n\n| workload |",
+    );
+    for (_, label) in crate::overheads::ENGINES {
+        let _ = write!(s, " {label} |");
+    }
+    s.push_str(" checked / unchecked |\n|---|---:|---:|---:|---:|\n");
     for e in &o.engines {
-        let jit = e
-            .jit_mb_per_sec
-            .map_or(format!("{:.2} µs", e.jit_us), |mb| {
-                format!("{:.2} µs ({mb:.0} MB/s)", e.jit_us)
-            });
-        let _ = writeln!(
-            s,
-            "| {} | {jit} | {:.2} µs | {:.0}× |",
-            e.workload,
-            e.interpreter_us,
-            e.interpreter_us / e.jit_us
-        );
+        let _ = write!(s, "| {} |", e.workload);
+        for k in 0..3 {
+            match e.gb_per_sec(k) {
+                Some(g) => {
+                    let _ = write!(s, " {:.2} µs ({g:.2} GB/s) |", e.us[k]);
+                }
+                None => {
+                    let _ = write!(s, " {:.2} µs |", e.us[k]);
+                }
+            }
+        }
+        let _ = writeln!(s, " {:.2}× |", e.us[0] / e.us[1]);
     }
     let _ = writeln!(
         s,
-        "\nSetting up a run (a program that returns at once, empty range): {:.0} ns on the JIT, \
-         {:.0} ns on the interpreter (target < 1 µs).",
-        o.setup_ns_jit, o.setup_ns_interpreter
+        "\nSetting up a run (a program that returns at once, empty range): {:.0} ns on the checked \
+         engine, {:.0} ns on the unchecked JIT, {:.0} ns on the interpreter (target < 1 µs).",
+        o.setup_ns[0], o.setup_ns[1], o.setup_ns[2]
     );
 }
 

@@ -210,8 +210,11 @@ impl Offload {
             users: Mutex::new(BTreeMap::new()),
             stats: DashMap::new(),
             invalidator: OnceLock::new(),
+            // Runs go on the FUSE worker that has them while all but one of the FUSE
+            // workers are free of runs; loads always go to the offload workers.
             workers: Workers::new(
                 settings.workers,
+                (settings.workers as u32).saturating_sub(1).max(1),
                 workers::Limits {
                     loads: (LOADS_PER_USER, LOADS_WAITING),
                     runs: (settings.runs_per_user, RUNS_WAITING),
@@ -669,6 +672,13 @@ impl Offload {
             Ok(c) => c,
             Err(e) => return Dispatch::Now(Err(e)),
         };
+        if let Some(_here) = self.workers.here(caller.creds.uid, Kind::Run) {
+            let mut b = b;
+            let answer = self
+                .execute(&caller, &loaded, write, started, &mut b)
+                .map(|written| Answer { bytes: b, written });
+            return Dispatch::Now(answer);
+        }
         Dispatch::Later(Later {
             uid: caller.creds.uid,
             kind: Kind::Run,

@@ -1,11 +1,17 @@
-//! The offload workers: threads that verify and compile programs and run them, so that FUSE
-//! workers never do, and that share themselves fairly among users.
+//! The offload workers: threads that verify and compile programs, and run programs when the
+//! FUSE workers should not, shared fairly among users.
 //!
 //! Jobs wait in one queue per (user, kind). A free worker takes the next job round-robin
 //! over the queues whose user has fewer jobs of that kind running than the kind's limit:
 //! one user's backlog never holds more than that many workers, and every other user's
 //! next job is at most one round away. Each queue holds a bounded number of waiting jobs;
 //! past it, submitting fails and the caller gets EAGAIN.
+//!
+//! A short job is cheaper done by the thread that has it than handed over (a hand-over
+//! costs a wake-up on each side, several µs, which is what a B+-tree lookup offloads). So
+//! a caller may ask for room to run a job *here* ([`Workers::here`]): granted when the user
+//! is under its limit with nothing queued (so order is kept) and fewer than `here` callers
+//! are doing the same, which keeps some of the callers' own threads (FUSE workers) free.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -48,7 +54,10 @@ type Key = (u32, Kind);
 #[derive(Default)]
 struct State {
     queues: BTreeMap<Key, VecDeque<Job>>,
+    /// Jobs running, on a worker or here.
     running: BTreeMap<Key, u32>,
+    /// Jobs running on callers' threads.
+    here: u32,
     /// The queue served last; the next pick starts after it.
     last: Option<Key>,
     stop: bool,
@@ -58,11 +67,25 @@ struct Shared {
     state: Mutex<State>,
     ready: Condvar,
     limits: Limits,
+    /// Most jobs running on callers' threads at once.
+    here: u32,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A job of `key` ended.
+    fn done(&self, st: &mut State, key: Key) {
+        if let Some(n) = st.running.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                st.running.remove(&key);
+            }
+        }
+        // A user below its limit again may have jobs a worker can take.
+        self.ready.notify_one();
     }
 }
 
@@ -79,12 +102,13 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// Starts `threads` workers.
-    pub fn new(threads: usize, limits: Limits) -> Workers {
+    /// Starts `threads` workers; at most `here` jobs may run on callers' threads at once.
+    pub fn new(threads: usize, here: u32, limits: Limits) -> Workers {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
             limits,
+            here,
         });
         for k in 0..threads.max(1) {
             let shared = shared.clone();
@@ -111,6 +135,41 @@ impl Workers {
         q.push_back(job);
         drop(st);
         self.shared.ready.notify_one();
+    }
+}
+
+impl Workers {
+    /// Room to run a job of user `uid` on the calling thread now, if the user is under
+    /// its limit with nothing of this kind queued and the callers' share is not used up.
+    /// The room is given back when the returned value is dropped.
+    pub fn here(&self, uid: u32, kind: Kind) -> Option<Here<'_>> {
+        let key = (uid, kind);
+        let mut st = self.shared.lock();
+        let running = st.running.get(&key).copied().unwrap_or(0);
+        let waiting = st.queues.get(&key).is_some_and(|q| !q.is_empty());
+        if st.here >= self.shared.here || running >= self.shared.limits.of(kind).0 || waiting {
+            return None;
+        }
+        st.here += 1;
+        *st.running.entry(key).or_default() += 1;
+        Some(Here {
+            shared: &self.shared,
+            key,
+        })
+    }
+}
+
+/// Room for one job on the caller's thread (see [`Workers::here`]).
+pub struct Here<'a> {
+    shared: &'a Shared,
+    key: Key,
+}
+
+impl Drop for Here<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.here -= 1;
+        self.shared.done(&mut st, self.key);
     }
 }
 
@@ -154,14 +213,7 @@ fn work(shared: &Shared) {
             // whatever a job does.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Turn::Run)));
             st = shared.lock();
-            if let Some(n) = st.running.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    st.running.remove(&key);
-                }
-            }
-            // A user below its limit again may have jobs another worker can take.
-            shared.ready.notify_one();
+            shared.done(&mut st, key);
             continue;
         }
         if st.stop {
@@ -179,12 +231,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn room_here_respects_the_users_limit_its_queue_and_the_callers_share() {
+        let workers = Workers::new(
+            1,
+            2,
+            Limits {
+                loads: (1, 4),
+                runs: (2, 4),
+            },
+        );
+        let a = workers.here(1, Kind::Run).expect("room");
+        let b = workers.here(1, Kind::Run).expect("room: the limit is 2");
+        assert!(
+            workers.here(1, Kind::Run).is_none(),
+            "user 1 is at its limit"
+        );
+        assert!(
+            workers.here(2, Kind::Run).is_none(),
+            "the callers' share is used"
+        );
+        drop(a);
+        let c = workers.here(2, Kind::Run).expect("room again");
+        drop((b, c));
+        // A user with a job queued gets no room here: its jobs keep their order.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gate: Job = Box::new(move |_| {
+            let _ = rx.recv();
+        });
+        workers.submit(3, Kind::Load, gate);
+        workers.submit(3, Kind::Load, Box::new(|_| {}));
+        assert!(workers.here(3, Kind::Load).is_none());
+        tx.send(()).unwrap();
+    }
+
+    #[test]
     fn users_take_turns_and_limits_hold() {
         let limits = Limits {
             loads: (1, 2),
             runs: (1, 3),
         };
-        let workers = Workers::new(1, limits);
+        let workers = Workers::new(1, 1, limits);
         let (gate_tx, gate_rx) = channel::<()>();
         let (done_tx, done_rx) = channel::<(u32, u32)>();
         // The one worker is held until the queues are filled.
@@ -222,6 +308,7 @@ mod tests {
     #[test]
     fn a_panicking_job_does_not_take_a_worker() {
         let workers = Workers::new(
+            1,
             1,
             Limits {
                 loads: (1, 4),
