@@ -117,6 +117,8 @@ pub struct Program {
     /// Read-only globals; compiled code refers to them.
     globals: Globals,
     engine: Engine,
+    /// How long compiling for the engine took.
+    compile_time: std::time::Duration,
 }
 
 impl fmt::Debug for Program {
@@ -193,6 +195,7 @@ impl Program {
             code[r.insn].imm = addr as u32 as i32;
             code[r.insn + 1].imm = (addr >> 32) as u32 as i32;
         }
+        let compiling = std::time::Instant::now();
         let engine = match options.mode {
             Mode::Checked => Engine::Checked(
                 Compiled::new(&code, &prepared.verified.targets, &globals)
@@ -217,6 +220,7 @@ impl Program {
             mode: options.mode,
             globals,
             engine,
+            compile_time: compiling.elapsed(),
         })
     }
 
@@ -235,6 +239,11 @@ impl Program {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// How long compiling the verified program for its engine took.
+    pub fn compile_time(&self) -> std::time::Duration {
+        self.compile_time
     }
 
     /// Bytes the program holds: its instructions, what the verifier recorded, its globals

@@ -11,7 +11,8 @@
 //! - `user.nearfs.fs` (root directory): filesystem facts, then the mount's offload
 //!   settings (policy, per-user limits, workers) and what users hold.
 //! - `user.nearfs.programs` (root directory): the loaded programs, separated by `; `, each
-//!   `id name owner insns max_insns verify_states verify_us`.
+//!   `id name owner insns max_insns verify_states load_us compile_us bytes` (load_us: reading,
+//!   verifying and compiling; bytes: what the program holds, charged to its owner).
 //!
 //! `user.nearfs.offload` is not a view but a stored owner policy (`off` or `ro`).
 

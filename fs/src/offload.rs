@@ -109,7 +109,7 @@ struct Loaded {
     owner: u32,
     /// Bytes charged to the owner for it.
     bytes: u64,
-    verify_time: Duration,
+    load_time: Duration,
 }
 
 /// Something a user left in the daemon between ioctls.
@@ -139,6 +139,19 @@ struct Held {
 struct Usage {
     programs: u32,
     bytes: u64,
+}
+
+/// Bytes charged to a user, given back when this is dropped.
+struct Charge {
+    offload: Arc<Offload>,
+    uid: u32,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.offload.refund(self.uid, self.bytes);
+    }
 }
 
 /// The caller of one ioctl.
@@ -433,13 +446,13 @@ impl Offload {
     /// A LOAD chunk; the last one is verified and compiled by a worker.
     fn load(self: &Arc<Self>, caller: &Caller, mut b: Vec<u8>) -> Dispatch {
         let uid = caller.creds.uid;
+        let mut session = b.u64_at(off::load::SESSION);
         let taken = (|| {
             let flags = b.u32_at(off::FLAGS);
             if flags & !abi::LOAD_LAST != 0 {
                 return Err(bad());
             }
-            let (session, at, len) = (
-                b.u64_at(off::load::SESSION),
+            let (at, len) = (
                 b.u64_at(off::load::OFFSET),
                 b.u32_at(off::load::LEN) as usize,
             );
@@ -454,11 +467,12 @@ impl Offload {
             if last && self.usage(uid, |u| u.programs) >= self.settings.programs_per_user {
                 return Err(Errno::EDQUOT);
             }
-            let session = match session {
-                0 if at == 0 => self.hold(uid, Pending::Upload { bytes: Vec::new() })?,
-                0 => return Err(bad()),
-                s => s,
-            };
+            if session == 0 {
+                if at != 0 {
+                    return Err(bad());
+                }
+                session = self.hold(uid, Pending::Upload { bytes: Vec::new() })?;
+            }
             {
                 let mut held = self
                     .pending
@@ -475,39 +489,64 @@ impl Offload {
                 bytes.extend_from_slice(&b[off::load::DATA..off::load::DATA + len]);
                 held.since = Instant::now();
             }
-            Ok((session, last))
+            Ok(last)
         })();
-        let (session, last) = match taken {
-            Ok(t) => t,
-            Err(e) => return Dispatch::Now(Err(e)),
+        let last = match taken {
+            Ok(last) => last,
+            Err(e) => {
+                // An upload that went wrong is over: its bytes stop counting now, not
+                // when it would expire.
+                let ours = self
+                    .pending
+                    .get(&session)
+                    .is_some_and(|h| h.owner == uid && matches!(h.what, Pending::Upload { .. }));
+                if ours {
+                    self.release(session);
+                }
+                return Dispatch::Now(Err(e));
+            }
         };
         if !last {
             b.put_u64(off::load::SESSION, session);
             return Dispatch::Now(Ok(Answer::plain(b)));
         }
-        // The object stays charged to the user until the worker is done with it.
+        // The object stays charged to the user until the program is built, or the job is
+        // refused.
         let object = match self.pending.remove(&session).map(|(_, h)| h.what) {
             Some(Pending::Upload { bytes }) => bytes,
             _ => return Dispatch::Now(Err(Errno::ENOENT)),
+        };
+        let charge = Charge {
+            offload: self.clone(),
+            uid,
+            bytes: object.len() as u64,
         };
         let name = b.str_at(off::load::NAME, abi::NAME_SIZE);
         Dispatch::Later(Later {
             uid,
             kind: Kind::Load,
             work: Box::new(move |me: &Arc<Offload>| {
-                let r = me.verify(uid, &object, &name, &mut b);
-                me.refund(uid, object.len() as u64);
-                r.map(|()| Answer::plain(b))
+                me.verify(uid, (object, charge), &name, &mut b)
+                    .map(|()| Answer::plain(b))
             }),
         })
     }
 
     /// Verifies and compiles `object` for `uid` (on a worker) and fills in the LOAD reply.
-    fn verify(&self, uid: u32, object: &[u8], name: &str, b: &mut [u8]) -> Result<(), Errno> {
+    /// The object's bytes, charged to the user since they were uploaded, are given back
+    /// once the program is built.
+    fn verify(
+        &self,
+        uid: u32,
+        object: (Vec<u8>, Charge),
+        name: &str,
+        b: &mut [u8],
+    ) -> Result<(), Errno> {
         let name = (!name.is_empty()).then_some(name);
         let start = Instant::now();
-        let loaded = Program::from_elf(object, name, Mode::Checked);
-        let verify_time = start.elapsed();
+        let loaded = Program::from_elf(&object.0, name, Mode::Checked);
+        let load_time = start.elapsed();
+        drop(object);
         let refused = |me: &Self, b: &mut [u8], text: String, status: i32| {
             let log_len = text.len() as u32;
             let token = me.hold(uid, Pending::Log { text })?;
@@ -527,20 +566,24 @@ impl Offload {
             }
         };
         let bytes = program.footprint() as u64;
-        let admitted = self.usage(uid, |u| {
+        let held = self.usage(uid, |u| {
             let fits = u.programs < self.settings.programs_per_user
                 && u.bytes.saturating_add(bytes) <= self.settings.bytes_per_user;
             if fits {
                 u.programs += 1;
                 u.bytes += bytes;
+                return None;
             }
-            fits
+            Some(*u)
         });
-        if !admitted {
+        if let Some(held) = held {
             let text = format!(
-                "{}: accepted, but it does not fit: uid {uid} may hold {} programs and {} bytes \
-                 on this mount (offload_programs=, offload_bytes=); unload some first",
+                "{}: accepted, but it does not fit: it holds {bytes} bytes, and uid {uid} holds \
+                 {} programs and {} bytes of the {} and {} allowed on this mount \
+                 (offload_programs=, offload_bytes=); unload some first",
                 program.name(),
+                held.programs,
+                held.bytes,
                 self.settings.programs_per_user,
                 self.settings.bytes_per_user
             );
@@ -554,7 +597,7 @@ impl Offload {
                 program,
                 owner: uid,
                 bytes,
-                verify_time,
+                load_time,
             }),
         );
         b.put_u64(off::load::PROG_ID, id);
@@ -868,14 +911,15 @@ impl Offload {
             }
             let _ = write!(
                 out,
-                "id={id} name={} owner={} insns={} max_insns={} verify_states={} verify_us={} \
-                 bytes={}",
+                "id={id} name={} owner={} insns={} max_insns={} verify_states={} load_us={} \
+                 compile_us={} bytes={}",
                 p.program.name(),
                 p.owner,
                 p.program.insns().len(),
                 v.max_insns,
                 v.states,
-                p.verify_time.as_micros(),
+                p.load_time.as_micros(),
+                p.program.compile_time().as_micros(),
                 p.bytes
             );
         }

@@ -573,6 +573,11 @@ impl Translator<'_, '_> {
                 } else {
                     self.konst(self.plan.trampolines.globals_bias)
                 };
+                // Past the branch `ok` holds, but a CPU may get here speculatively before
+                // it knows: a conditional move (not a branch) keeps even that access inside
+                // the area.
+                let first = self.konst(start);
+                let addr = self.b.ins().select(ok, addr, first);
                 Some(self.b.ins().iadd(bias, addr))
             }
             Check::Resolve => {
