@@ -1245,10 +1245,6 @@ NEARFS_PROG("big_table") long big_table(struct nearfs_ctx *ctx)
     .unwrap();
     let big = fs::read(compile_bpf(&src, t.dir.path())).unwrap();
     assert!(big.len() > 700 * 1024);
-    eprintln!(
-        "XX {}",
-        String::from_utf8(getxattr(&t.mnt, "user.nearfs.fs").unwrap()).unwrap()
-    );
     let first = nearfs_client::load(&root, &big, None).unwrap();
     match nearfs_client::load(&root, &big, None) {
         // The upload itself no longer fits, or the verified program does not.
