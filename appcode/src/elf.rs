@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use object::elf::{R_BPF_64_32, R_BPF_64_64};
 use object::{
@@ -26,6 +27,14 @@ pub const MAX_INSNS: usize = 1 << 16;
 pub const MAX_SECTIONS: usize = 1024;
 /// Most global sections (`.rodata*`) the programs of one object may refer to.
 pub const MAX_GLOBALS: usize = 64;
+/// Most programs one object may hold.
+pub const MAX_PROGRAMS: usize = 64;
+/// Longest program name (`nearfs/NAME`), as the ioctls carry it with its NUL.
+pub const MAX_NAME: usize = 63;
+/// Most BTF line records read from one object, and bytes kept of each string they name:
+/// line info only improves messages, so a hostile object gets a little of it.
+const MAX_LINES: usize = 1 << 16;
+const LINE_TEXT: usize = 256;
 
 /// Why an object cannot be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +52,10 @@ pub enum LoadError {
     TooLarge { section: String, insns: usize },
     /// More sections than [`MAX_SECTIONS`].
     TooManySections { sections: usize },
+    /// More programs than [`MAX_PROGRAMS`].
+    TooManyPrograms,
+    /// A program name that is empty, longer than [`MAX_NAME`] or given twice.
+    BadName { name: String },
     /// References to more global sections than [`MAX_GLOBALS`].
     TooManyGlobals,
     /// A relocation nearfs does not know how to apply.
@@ -77,6 +90,13 @@ impl fmt::Display for LoadError {
             LoadError::TooManySections { sections } => write!(
                 f,
                 "{sections} sections; an object may have at most {MAX_SECTIONS}"
+            ),
+            LoadError::TooManyPrograms => {
+                write!(f, "more than {MAX_PROGRAMS} programs in one object")
+            }
+            LoadError::BadName { name } => write!(
+                f,
+                "program name {name:?}: names are 1 to {MAX_NAME} bytes, each once"
             ),
             LoadError::TooManyGlobals => write!(
                 f,
@@ -120,12 +140,13 @@ pub struct DataRef {
     pub offset: u64,
 }
 
-/// A line of C source, from the object's BTF line info (`clang -g`).
+/// A line of C source, from the object's BTF line info (`clang -g`). The strings are
+/// shared among the records that name them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
-    pub file: String,
+    pub file: Arc<str>,
     pub line: u32,
-    pub text: String,
+    pub text: Arc<str>,
 }
 
 /// One program, linked into a single instruction stream.
@@ -161,6 +182,12 @@ fn malformed(e: object::Error) -> LoadError {
 /// A code section's instructions.
 fn code(section: &object::Section<'_, '_>) -> Result<Vec<Insn>, LoadError> {
     let name = section.name().unwrap_or("?").to_string();
+    if section.size() / INSN_SIZE as u64 > MAX_INSNS as u64 {
+        return Err(LoadError::TooLarge {
+            section: name,
+            insns: (section.size() / INSN_SIZE as u64) as usize,
+        });
+    }
     let bytes = section.data().map_err(malformed)?;
     insn::decode(bytes).ok_or(LoadError::Ragged { section: name })
 }
@@ -187,6 +214,17 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
         else {
             continue;
         };
+        if name.is_empty()
+            || name.len() > MAX_NAME
+            || loaded.programs.iter().any(|p| p.name == name)
+        {
+            return Err(LoadError::BadName {
+                name: name.chars().take(MAX_NAME).collect(),
+            });
+        }
+        if loaded.programs.len() == MAX_PROGRAMS {
+            return Err(LoadError::TooManyPrograms);
+        }
         let mut linker = Linker {
             file: &file,
             loaded: &mut loaded,
@@ -349,7 +387,13 @@ impl Linker<'_, '_, '_> {
                 "reference into section {name:?}; globals must live in .rodata, .data or .bss"
             ));
         }
-        if sec.size() > crate::memory::MAX_GLOBALS as u64 {
+        let held: u64 = self
+            .loaded
+            .regions
+            .iter()
+            .map(|r| r.bytes.len() as u64)
+            .sum();
+        if held.saturating_add(sec.size()) > crate::memory::MAX_GLOBALS as u64 {
             return Err(format!(
                 "section {name:?} has {} bytes; globals may have {} in all",
                 sec.size(),
@@ -377,6 +421,11 @@ impl Linker<'_, '_, '_> {
 fn btf_lines(file: &object::File<'_>) -> Option<HashMap<String, Vec<(u32, Line)>>> {
     let btf = file.section_by_name(".BTF")?.data().ok()?;
     let ext = file.section_by_name(".BTF.ext")?.data().ok()?;
+    parse_lines(btf, ext)
+}
+
+/// Line info from the `.BTF` and `.BTF.ext` sections' bytes.
+fn parse_lines(btf: &[u8], ext: &[u8]) -> Option<HashMap<String, Vec<(u32, Line)>>> {
     let u32_at = |b: &[u8], at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
     };
@@ -387,10 +436,19 @@ fn btf_lines(file: &object::File<'_>) -> Option<HashMap<String, Vec<(u32, Line)>
     }
     let strings_at = u32_at(btf, 4)? as usize + u32_at(btf, 16)? as usize;
     let strings = btf.get(strings_at..strings_at + u32_at(btf, 20)? as usize)?;
-    let string = |off: u32| -> Option<String> {
+    // Each string is read once (records share them) and at most LINE_TEXT bytes of it: a
+    // hostile object cannot make this copy more than its records times that.
+    let mut seen: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut string = |off: u32| -> Option<Arc<str>> {
+        if let Some(s) = seen.get(&off) {
+            return Some(s.clone());
+        }
         let s = strings.get(off as usize..)?;
-        let end = s.iter().position(|&b| b == 0)?;
-        Some(String::from_utf8_lossy(&s[..end]).into_owned())
+        let s = &s[..s.len().min(LINE_TEXT)];
+        let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+        let text: Arc<str> = String::from_utf8_lossy(&s[..end]).into();
+        seen.insert(off, text.clone());
+        Some(text)
     };
     // struct btf_ext_header: magic, version, flags, hdr_len, func_info_off, func_info_len,
     // line_info_off, line_info_len.
@@ -401,12 +459,17 @@ fn btf_lines(file: &object::File<'_>) -> Option<HashMap<String, Vec<(u32, Line)>
         return None;
     }
     let mut out: HashMap<String, Vec<(u32, Line)>> = HashMap::new();
+    let mut records = 0;
     let mut pos = 4;
     while pos < info.len() {
-        let section = string(u32_at(info, pos)?)?;
+        let section = string(u32_at(info, pos)?)?.to_string();
         let count = u32_at(info, pos + 4)? as usize;
         pos += 8;
         for _ in 0..count {
+            records += 1;
+            if records > MAX_LINES {
+                return Some(out);
+            }
             let rec = info.get(pos..pos + rec_size)?;
             let line = Line {
                 file: string(u32_at(rec, 4)?)?,
@@ -420,4 +483,51 @@ fn btf_lines(file: &object::File<'_>) -> Option<HashMap<String, Vec<(u32, Line)>
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.BTF` of nothing but a string table, and a `.BTF.ext` of `count` line records
+    /// of section `strings[0]` all naming string offset `at`.
+    fn sections(strings: &[u8], count: u32, at: u32) -> (Vec<u8>, Vec<u8>) {
+        let mut btf = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 0, 0, strings.len() as u32] {
+            btf.extend(v.to_le_bytes());
+        }
+        btf.extend_from_slice(strings);
+        let mut ext = vec![0x9f, 0xeb, 1, 0];
+        let info_len = 4 + 8 + 16 * count;
+        for v in [32u32, 0, 0, 0, info_len, 0, 0] {
+            ext.extend(v.to_le_bytes());
+        }
+        ext.extend(16u32.to_le_bytes());
+        ext.extend(0u32.to_le_bytes());
+        ext.extend(count.to_le_bytes());
+        for k in 0..count {
+            for v in [8 * k, at, at, 7 << 10] {
+                ext.extend(v.to_le_bytes());
+            }
+        }
+        (btf, ext)
+    }
+
+    #[test]
+    fn line_info_costs_at_most_its_caps_whatever_the_object_says() {
+        // One 1 MiB string named by 100,000 records: kept once, and only its start.
+        let mut strings = b"x\0".to_vec();
+        strings.extend(std::iter::repeat_n(b'A', 1 << 20));
+        strings.push(0);
+        let (btf, ext) = sections(&strings, 100_000, 2);
+        let lines = parse_lines(&btf, &ext).unwrap();
+        let recs = &lines["x"];
+        assert_eq!(recs.len(), MAX_LINES);
+        assert_eq!(recs[0].1.text.len(), LINE_TEXT);
+        assert!(
+            recs.iter()
+                .all(|(_, l)| Arc::ptr_eq(&l.text, &recs[0].1.text))
+        );
+        assert_eq!(recs[5].1.line, 7);
+    }
 }

@@ -29,7 +29,12 @@ pub enum InlineError {
     FramePointer { insn: usize },
     /// The program grew past the instruction limit.
     TooLarge,
+    /// Calls nested deeper than [`MAX_CALL_DEPTH`].
+    TooDeep { insn: usize },
 }
+
+/// Most calls one path may nest (Linux allows 8 frames too).
+pub const MAX_CALL_DEPTH: usize = 8;
 
 impl fmt::Display for InlineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -50,6 +55,10 @@ impl fmt::Display for InlineError {
                 "insn {insn}: a called function may use r10 only to address its stack"
             ),
             InlineError::TooLarge => write!(f, "the program is too large once calls are inlined"),
+            InlineError::TooDeep { insn } => write!(
+                f,
+                "insn {insn}: calls nest deeper than {MAX_CALL_DEPTH} functions"
+            ),
         }
     }
 }
@@ -222,7 +231,7 @@ pub fn inline(insns: &[Insn], refs: &[DataRef]) -> Result<Inlined, InlineError> 
         data_refs: Vec::new(),
         origin: Vec::with_capacity(insns.len()),
     };
-    emit(&p, 0, 0, &mut out)?;
+    emit(&p, 0, 0, 0, &mut out)?;
     Ok(out)
 }
 
@@ -270,9 +279,19 @@ fn post_order(p: &Program<'_>) -> Result<Vec<usize>, InlineError> {
     Ok(order)
 }
 
-/// Appends function `f` with its frame starting `base` bytes below r10.
-fn emit(p: &Program<'_>, f: usize, base: usize, out: &mut Inlined) -> Result<(), InlineError> {
+/// Appends function `f`, called `depth` calls deep, with its frame starting `base` bytes
+/// below r10. (Recursive, so the depth is bounded first.)
+fn emit(
+    p: &Program<'_>,
+    f: usize,
+    base: usize,
+    depth: usize,
+    out: &mut Inlined,
+) -> Result<(), InlineError> {
     let span = p.span(f);
+    if depth > MAX_CALL_DEPTH {
+        return Err(InlineError::TooDeep { insn: span.start });
+    }
     let bytes = base + p.frame[f];
     // The verifier bounds the entry function's own accesses; here only frames pushed
     // below it by calls can overflow.
@@ -310,7 +329,7 @@ fn emit(p: &Program<'_>, f: usize, base: usize, out: &mut Inlined) -> Result<(),
                     Insn::new(class::STX | mem::MEM | mem::DW, FP, r, save_at(k), 0),
                 );
             }
-            emit(p, g, bytes + 8 * saved.len(), out)?;
+            emit(p, g, bytes + 8 * saved.len(), depth + 1, out)?;
             for (k, &r) in saved.iter().enumerate() {
                 push(
                     out,

@@ -47,9 +47,15 @@ pub struct Limits {
     pub hops: u64,
     pub device_bytes: u64,
     pub output_bytes: u64,
+    /// Bytes of writes the run may buffer, each write counted as its length plus
+    /// [`WRITE_OVERHEAD`]: bounds the memory they take and the work of applying them.
+    pub write_bytes: u64,
     /// Wall-clock time, checked inside invocations too.
     pub wall: Duration,
 }
+
+/// What one buffered write costs against [`Limits::write_bytes`] beyond its bytes.
+pub const WRITE_OVERHEAD: u64 = 64;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -58,6 +64,7 @@ impl Default for Limits {
             hops: 1 << 20,
             device_bytes: 1 << 34,
             output_bytes: 64 << 20,
+            write_bytes: 4 << 20,
             wall: Duration::from_secs(10),
         }
     }
@@ -101,6 +108,9 @@ pub enum RunError {
     OutputLimit {
         limit: u64,
     },
+    WriteLimit {
+        limit: u64,
+    },
     Timeout {
         limit: Duration,
     },
@@ -140,6 +150,9 @@ impl fmt::Display for RunError {
                 write!(f, "device read limit ({limit} bytes) reached")
             }
             RunError::OutputLimit { limit } => write!(f, "output limit ({limit} bytes) reached"),
+            RunError::WriteLimit { limit } => {
+                write!(f, "limit of buffered writes ({limit} bytes) reached")
+            }
             RunError::Timeout { limit } => write!(f, "time limit ({limit:?}) reached"),
             RunError::OutOfRange { off } => {
                 write!(f, "hop to file offset {off}, outside the run's range")
@@ -195,6 +208,8 @@ pub(crate) struct Run<'a> {
     output: Vec<u8>,
     /// Buffered writes, in order: (file offset, bytes).
     writes: Vec<(u64, Vec<u8>)>,
+    /// What they count against `limits.write_bytes`.
+    write_bytes: u64,
     /// Most fuel one grant hands out ([`SLICE`]; less in tests).
     grants: u64,
     /// Fuel handed to the engine by the last [`Run::grant`], not yet accounted.
@@ -213,6 +228,7 @@ impl<'a> Run<'a> {
             costs: Costs::default(),
             output: Vec::new(),
             writes: Vec::new(),
+            write_bytes: 0,
             slice: 0,
             stop: None,
         }
@@ -395,6 +411,9 @@ impl<'a> Run<'a> {
     /// `nearfs_write`.
     pub(crate) fn write(&mut self, off: u64, src: &[u8]) -> i64 {
         let len = src.len() as u64;
+        if len == 0 {
+            return -errno::EINVAL;
+        }
         if !self.world.writable {
             return -errno::EPERM;
         }
@@ -403,6 +422,13 @@ impl<'a> Run<'a> {
         }
         if !self.allocated(off, len) {
             return -errno::EPERM;
+        }
+        self.write_bytes = self.write_bytes.saturating_add(len + WRITE_OVERHEAD);
+        if self.write_bytes > self.limits.write_bytes {
+            self.stop(RunError::WriteLimit {
+                limit: self.limits.write_bytes,
+            });
+            return -errno::ENOSPC;
         }
         self.writes.push((off, src.to_vec()));
         0
@@ -441,6 +467,16 @@ impl<'a> Run<'a> {
             }
             written.push(off..end);
         }
+        // One range per stretch written, for the caller to invalidate.
+        written.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(written.len());
+        for r in written {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let written = merged;
         self.costs.output_bytes = self.output.len() as u64;
         Ok(Outcome {
             result,

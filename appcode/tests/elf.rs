@@ -85,6 +85,14 @@ fn malformed_objects_are_refused_with_a_reason() {
     }
     let plain = compile("int f(int x) { return x + 1; }", "v3");
     assert_eq!(elf::load(&plain), Err(LoadError::NoProgram));
+    let long = format!(
+        "#include \"nearfs.h\"\nNEARFS_PROG(\"{}\") long f(struct nearfs_ctx *c) {{ return 0; }}",
+        "n".repeat(70)
+    );
+    assert!(matches!(
+        elf::load(&compile(&long, "v3")),
+        Err(LoadError::BadName { .. })
+    ));
     let mut wrong_machine = good.clone();
     wrong_machine[18] = 62; // e_machine = EM_X86_64
     assert_eq!(elf::load(&wrong_machine), Err(LoadError::NotBpf));

@@ -4,8 +4,8 @@
 //! - `expect: reject KIND[|KIND...] [line=N]` — loading fails with that reason, or one of
 //!   them (exhausting the verifier's budget may end by instruction count or by time on a
 //!   loaded machine), and for C points at source line N;
-//! - `expect: run KIND [LIMIT=VALUE ...]` — it loads, and a run under those limits fails
-//!   with that error;
+//! - `expect: run KIND [LIMIT=VALUE ...] [writable]` — it loads, and a run under those
+//!   limits (with write intent if `writable`) fails with that error;
 //! - `expect: result N [zeros=K]` — it loads and runs to completion with r0 = N (and emits
 //!   exactly K zero bytes).
 //!
@@ -61,7 +61,7 @@ fn expectation(path: &Path) -> Vec<String> {
 
 fn limits(words: &[&str]) -> Limits {
     let mut l = Limits::default();
-    for w in words {
+    for w in words.iter().filter(|w| **w != "writable") {
         let (k, v) = w.split_once('=').expect("LIMIT=VALUE");
         let v: u64 = v.parse().unwrap();
         match k {
@@ -69,6 +69,7 @@ fn limits(words: &[&str]) -> Limits {
             "insns" => l.insns = v,
             "device_bytes" => l.device_bytes = v,
             "output_bytes" => l.output_bytes = v,
+            "write_bytes" => l.write_bytes = v,
             "wall_ms" => l.wall = Duration::from_millis(v),
             "line" | "zeros" => {}
             _ => panic!("unknown limit {k}"),
@@ -114,6 +115,12 @@ fn streams_too_large_or_with_impossible_registers_are_refused() {
     let torn_lddw = [Insn::new(0x18, 0, 0, 0, 1)];
     let e = Program::from_insns("torn", &torn_lddw, Mode::Checked).unwrap_err();
     assert!(format!("{e:?}").contains("Unsupported"), "{e}");
+    // Every slot a function calling the next: a chain 65,535 calls deep, which inlining
+    // by recursion would follow until the thread's stack ran out.
+    let mut chain = vec![Insn::new(0x85, 0, 1, 0, 0); appcode::elf::MAX_INSNS - 1];
+    chain.push(Insn::new(0x95, 0, 0, 0, 0));
+    let e = Program::from_insns("chain", &chain, Mode::Checked).unwrap_err();
+    assert!(format!("{e:?}").contains("TooDeep"), "{e}");
 }
 
 #[test]
@@ -172,7 +179,7 @@ fn judge(
                 arg,
                 limits: limits(&words[2..]),
             };
-            match p.run(file.world(false), &req) {
+            match p.run(file.world(words.contains(&"writable")), &req) {
                 Err(e) if format!("{e:?}").contains(words[1]) => Ok(()),
                 other => Err(format!("run ended with {other:?}")),
             }

@@ -100,6 +100,7 @@ static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)
 #define NEARFS_RUN_E_FAULT 8
 #define NEARFS_RUN_E_ARG 9
 #define NEARFS_RUN_E_ACCESS 10 /* the engine refused a memory access (a verifier bug) */
+#define NEARFS_RUN_E_WRITE_BYTES 11
 
 struct nearfs_version {
     __u32 version; /* out: the daemon's NEARFS_ABI_VERSION (any version may ask) */

@@ -49,6 +49,8 @@ pub mod run_error {
     /// The engine refused a memory access outside the program's memory (only a verifier
     /// bug lets a program get that far).
     pub const ACCESS: u32 = 10;
+    /// The run buffered more writes than its limit.
+    pub const WRITE_BYTES: u32 = 11;
 }
 
 /// `_IOWR('N', nr, size)` as Linux encodes it.

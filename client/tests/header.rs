@@ -33,6 +33,7 @@ int main(void)
     C(NEARFS_RUN_E_INSNS) C(NEARFS_RUN_E_HOPS) C(NEARFS_RUN_E_DEVICE_BYTES)
     C(NEARFS_RUN_E_OUTPUT_BYTES) C(NEARFS_RUN_E_TIMEOUT) C(NEARFS_RUN_E_OUT_OF_RANGE)
     C(NEARFS_RUN_E_IO) C(NEARFS_RUN_E_FAULT) C(NEARFS_RUN_E_ARG) C(NEARFS_RUN_E_ACCESS)
+    C(NEARFS_RUN_E_WRITE_BYTES)
     return 0;
 }
 "#;
@@ -140,6 +141,10 @@ fn the_c_header_declares_the_same_structs() {
         ("NEARFS_RUN_E_FAULT", u64::from(run_error::FAULT)),
         ("NEARFS_RUN_E_ARG", u64::from(run_error::ARG)),
         ("NEARFS_RUN_E_ACCESS", u64::from(run_error::ACCESS)),
+        (
+            "NEARFS_RUN_E_WRITE_BYTES",
+            u64::from(run_error::WRITE_BYTES),
+        ),
     ];
     let got: Vec<(String, u64)> = printed
         .lines()

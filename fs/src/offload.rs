@@ -19,10 +19,11 @@
 //!   the invalidation thread, because invalidating waits for page locks that an in-flight
 //!   `write()` holds until a FUSE worker serves it.
 //!
-//! Verifying and compiling a program and running one are done by the offload workers, not
-//! by FUSE workers: a FUSE worker checks the request, hands the work over and goes back to
-//! serving file I/O; the worker replies when done. Every job, and every ioctl, is
-//! panic-contained: a bug costs its caller an EIO, never a thread.
+//! Verifying and compiling a program is done by loader threads, never by FUSE workers. A
+//! run is done by the FUSE worker that received it while all but one FUSE worker are free
+//! of runs (handing it over costs a lookup several µs), else by an offload worker, users
+//! taking turns (`crate::workers`). Every job, and every ioctl, is panic-contained: a bug
+//! costs its caller an EIO, never a thread.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -47,6 +48,8 @@ pub const POLICY_XATTR: &[u8] = b"user.nearfs.offload";
 const MAX_OBJECT: u64 = 16 << 20;
 /// Unfinished uploads, rejection logs and unread outputs kept per user.
 const MAX_PENDING_PER_USER: usize = 16;
+/// Threads that verify and compile programs.
+const LOADERS: usize = 2;
 /// Loads one user may have being verified at once, and waiting.
 const LOADS_PER_USER: u32 = 1;
 const LOADS_WAITING: u32 = 4;
@@ -107,8 +110,8 @@ pub struct FileStats {
 struct Loaded {
     program: Program,
     owner: u32,
-    /// Bytes charged to the owner for it.
-    bytes: u64,
+    /// What the owner is charged for it, until the last holder drops it.
+    charge: Charge,
     load_time: Duration,
 }
 
@@ -141,16 +144,78 @@ struct Usage {
     bytes: u64,
 }
 
-/// Bytes charged to a user, given back when this is dropped.
+/// What every user holds in the daemon, against the per-user limits.
+struct Users {
+    map: Mutex<BTreeMap<u32, Usage>>,
+    programs: u32,
+    bytes: u64,
+}
+
+impl Users {
+    /// Changes user `uid`'s usage.
+    fn usage<R>(&self, uid: u32, f: impl FnOnce(&mut Usage) -> R) -> R {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(uid).or_default())
+    }
+
+    /// Charges `bytes` to `uid`; EDQUOT if that would pass the per-user limit.
+    fn charge(&self, uid: u32, bytes: u64) -> Result<(), Errno> {
+        self.usage(uid, |u| {
+            if u.bytes.saturating_add(bytes) > self.bytes {
+                return Err(Errno::EDQUOT);
+            }
+            u.bytes += bytes;
+            Ok(())
+        })
+    }
+
+    fn refund(&self, uid: u32, bytes: u64) {
+        self.usage(uid, |u| u.bytes = u.bytes.saturating_sub(bytes));
+    }
+
+    /// Charges one more program of `bytes` to `uid`, or says what the user holds.
+    fn admit(self: &Arc<Self>, uid: u32, bytes: u64) -> Result<Charge, Usage> {
+        self.usage(uid, |u| {
+            if u.programs >= self.programs || u.bytes.saturating_add(bytes) > self.bytes {
+                return Err(*u);
+            }
+            u.programs += 1;
+            u.bytes += bytes;
+            Ok(())
+        })?;
+        Ok(Charge {
+            users: self.clone(),
+            uid,
+            bytes,
+            program: true,
+        })
+    }
+
+    fn total(&self) -> u64 {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().map(|u| u.bytes).sum()
+    }
+}
+
+/// What is charged to a user for something it holds, given back when this is dropped: an
+/// upload being verified, or a loaded program (which runs may hold after it is unloaded,
+/// and which counts until the last of them ends).
 struct Charge {
-    offload: Arc<Offload>,
+    users: Arc<Users>,
     uid: u32,
     bytes: u64,
+    program: bool,
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.offload.refund(self.uid, self.bytes);
+        let program = self.program;
+        self.users.usage(self.uid, |u| {
+            u.bytes = u.bytes.saturating_sub(self.bytes);
+            if program {
+                u.programs -= 1;
+            }
+        });
     }
 }
 
@@ -169,10 +234,13 @@ pub struct Offload {
     programs: DashMap<u64, Arc<Loaded>>,
     pending: DashMap<u64, Held>,
     next_id: AtomicU64,
-    users: Mutex<BTreeMap<u32, Usage>>,
+    users: Arc<Users>,
     stats: DashMap<u64, FileStats>,
     invalidator: OnceLock<Mutex<Sender<Invalidate>>>,
-    workers: Workers,
+    /// Runs the FUSE workers hand over.
+    runners: Workers,
+    /// Verify and compile programs, apart from runs so that no user's runs delay loads.
+    loaders: Workers,
 }
 
 /// A reply to send once file ranges are dropped from the kernel's page cache.
@@ -220,17 +288,29 @@ impl Offload {
             programs: DashMap::new(),
             pending: DashMap::new(),
             next_id: AtomicU64::new(1),
-            users: Mutex::new(BTreeMap::new()),
+            users: Arc::new(Users {
+                map: Mutex::new(BTreeMap::new()),
+                programs: settings.programs_per_user,
+                bytes: settings.bytes_per_user,
+            }),
             stats: DashMap::new(),
             invalidator: OnceLock::new(),
             // Runs go on the FUSE worker that has them while all but one of the FUSE
-            // workers are free of runs; loads always go to the offload workers.
-            workers: Workers::new(
+            // workers are free of runs, else to the runners.
+            runners: Workers::new(
                 settings.workers,
-                (settings.workers as u32).saturating_sub(1).max(1),
+                (settings.workers as u32).saturating_sub(1),
+                workers::Limits {
+                    loads: (0, 0),
+                    runs: (settings.runs_per_user, RUNS_WAITING),
+                },
+            ),
+            loaders: Workers::new(
+                LOADERS,
+                0,
                 workers::Limits {
                     loads: (LOADS_PER_USER, LOADS_WAITING),
-                    runs: (settings.runs_per_user, RUNS_WAITING),
+                    runs: (0, 0),
                 },
             ),
         }
@@ -302,7 +382,10 @@ impl Offload {
             });
             me.answer(ino, result, reply);
         });
-        self.workers.submit(uid, kind, job);
+        match kind {
+            Kind::Load => self.loaders.submit(uid, kind, job),
+            Kind::Run => self.runners.submit(uid, kind, job),
+        }
     }
 
     /// Handles one ioctl and replies, now or from a worker.
@@ -383,28 +466,6 @@ impl Offload {
         }
     }
 
-    /// Changes user `uid`'s usage.
-    fn usage<R>(&self, uid: u32, f: impl FnOnce(&mut Usage) -> R) -> R {
-        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        f(users.entry(uid).or_default())
-    }
-
-    /// Charges `bytes` to `uid`; EDQUOT if that would pass the per-user limit.
-    fn charge(&self, uid: u32, bytes: u64) -> Result<(), Errno> {
-        let limit = self.settings.bytes_per_user;
-        self.usage(uid, |u| {
-            if u.bytes.saturating_add(bytes) > limit {
-                return Err(Errno::EDQUOT);
-            }
-            u.bytes += bytes;
-            Ok(())
-        })
-    }
-
-    fn refund(&self, uid: u32, bytes: u64) {
-        self.usage(uid, |u| u.bytes = u.bytes.saturating_sub(bytes));
-    }
-
     fn expire(&self) {
         let old: Vec<u64> = self
             .pending
@@ -420,7 +481,7 @@ impl Offload {
     /// Drops what a user left under `token`, refunding its bytes.
     fn release(&self, token: u64) -> Option<Held> {
         let (_, held) = self.pending.remove(&token)?;
-        self.refund(held.owner, held.what.size());
+        self.users.refund(held.owner, held.what.size());
         Some(held)
     }
 
@@ -430,7 +491,20 @@ impl Offload {
         if mine >= MAX_PENDING_PER_USER {
             return Err(Errno::EAGAIN);
         }
-        self.charge(owner, what.size())?;
+        self.users.charge(owner, what.size())?;
+        Ok(self.keep(owner, what))
+    }
+
+    /// Keeps `what` for `owner` whatever the limits (it is charged, beyond them if need
+    /// be): for the output of a run that has happened, whose writes are applied. Its size
+    /// was capped before the run to what the user could still hold.
+    fn keep_output(&self, owner: u32, what: Pending) -> u64 {
+        self.users
+            .usage(owner, |u| u.bytes = u.bytes.saturating_add(what.size()));
+        self.keep(owner, what)
+    }
+
+    fn keep(&self, owner: u32, what: Pending) -> u64 {
         let token = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.insert(
             token,
@@ -440,7 +514,7 @@ impl Offload {
                 what,
             },
         );
-        Ok(token)
+        token
     }
 
     /// A LOAD chunk; the last one is verified and compiled by a worker.
@@ -464,7 +538,7 @@ impl Offload {
             }
             let last = flags & abi::LOAD_LAST != 0;
             // A last chunk needs room for one more program: ask before anything.
-            if last && self.usage(uid, |u| u.programs) >= self.settings.programs_per_user {
+            if last && self.users.usage(uid, |u| u.programs) >= self.settings.programs_per_user {
                 return Err(Errno::EDQUOT);
             }
             if session == 0 {
@@ -485,7 +559,7 @@ impl Offload {
                 if at != bytes.len() as u64 {
                     return Err(bad());
                 }
-                self.charge(uid, len as u64)?;
+                self.users.charge(uid, len as u64)?;
                 bytes.extend_from_slice(&b[off::load::DATA..off::load::DATA + len]);
                 held.since = Instant::now();
             }
@@ -517,9 +591,10 @@ impl Offload {
             _ => return Dispatch::Now(Err(Errno::ENOENT)),
         };
         let charge = Charge {
-            offload: self.clone(),
+            users: self.users.clone(),
             uid,
             bytes: object.len() as u64,
+            program: false,
         };
         let name = b.str_at(off::load::NAME, abi::NAME_SIZE);
         Dispatch::Later(Later {
@@ -566,29 +641,22 @@ impl Offload {
             }
         };
         let bytes = program.footprint() as u64;
-        let held = self.usage(uid, |u| {
-            let fits = u.programs < self.settings.programs_per_user
-                && u.bytes.saturating_add(bytes) <= self.settings.bytes_per_user;
-            if fits {
-                u.programs += 1;
-                u.bytes += bytes;
-                return None;
-            }
-            Some(*u)
-        });
-        if let Some(held) = held {
-            let text = format!(
-                "{}: accepted, but it does not fit: it holds {bytes} bytes, and uid {uid} holds \
+        let charge = match self.users.admit(uid, bytes) {
+            Ok(c) => c,
+            Err(held) => {
+                let text = format!(
+                    "{}: accepted, but it does not fit: it holds {bytes} bytes, and uid {uid} holds \
                  {} programs and {} bytes of the {} and {} allowed on this mount \
                  (offload_programs=, offload_bytes=); unload some first",
-                program.name(),
-                held.programs,
-                held.bytes,
-                self.settings.programs_per_user,
-                self.settings.bytes_per_user
-            );
-            return refused(self, b, text, -libc::EDQUOT);
-        }
+                    program.name(),
+                    held.programs,
+                    held.bytes,
+                    self.settings.programs_per_user,
+                    self.settings.bytes_per_user
+                );
+                return refused(self, b, text, -libc::EDQUOT);
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::info!(id, name = program.name(), uid, bytes, "program loaded");
         self.programs.insert(
@@ -596,7 +664,7 @@ impl Offload {
             Arc::new(Loaded {
                 program,
                 owner: uid,
-                bytes,
+                charge,
                 load_time,
             }),
         );
@@ -628,13 +696,8 @@ impl Offload {
         if owner != caller.creds.uid && !caller.creds.is_root() {
             return Err(Errno::EPERM);
         }
-        // Runs holding the program keep it until they finish.
-        if let Some((_, p)) = self.programs.remove(&id) {
-            self.usage(p.owner, |u| {
-                u.programs -= 1;
-                u.bytes = u.bytes.saturating_sub(p.bytes);
-            });
-        }
+        // Runs holding the program keep it, and its charge, until they finish.
+        self.programs.remove(&id);
         Ok(())
     }
 
@@ -715,7 +778,7 @@ impl Offload {
             Ok(c) => c,
             Err(e) => return Dispatch::Now(Err(e)),
         };
-        if let Some(_here) = self.workers.here(caller.creds.uid, Kind::Run) {
+        if let Some(_here) = self.runners.here(caller.creds.uid, Kind::Run) {
             let mut b = b;
             let answer = self
                 .execute(&caller, &loaded, write, started, &mut b)
@@ -756,7 +819,7 @@ impl Offload {
         let room = self
             .settings
             .bytes_per_user
-            .saturating_sub(self.usage(uid, |u| u.bytes));
+            .saturating_sub(self.users.usage(uid, |u| u.bytes));
         limits.output_bytes = limits.output_bytes.min(room.max(abi::OUT_CHUNK as u64));
         let req = Request { arg: &arg, limits };
         let outcome = self
@@ -788,10 +851,16 @@ impl Offload {
                     writable: write,
                 };
                 let r = loaded.program.run(world, &req);
-                let wrote = matches!(&r, Ok(o) if !o.written.is_empty());
-                (Ok(r), wrote)
+                // A device error while applying writes may leave some applied.
+                let wrote = match &r {
+                    Ok(o) => !o.written.is_empty(),
+                    Err(RunError::Io(_)) => write,
+                    Err(_) => false,
+                };
+                (Ok((r, start..end)), wrote)
             })
             .map_err(|e| errno(&e))??;
+        let (outcome, range) = outcome;
         let mut stats = self.stats.entry(caller.ino.0).or_default();
         stats.runs += 1;
         stats.run_ns += started.elapsed().as_nanos() as u64;
@@ -809,13 +878,13 @@ impl Offload {
                 b[off::run::OUT..off::run::OUT + first].copy_from_slice(&out.output[..first]);
                 b.put_u32(off::run::OUT_LEN, first as u32);
                 if out.output.len() > first {
-                    let token = self.hold(
+                    let token = self.keep_output(
                         uid,
                         Pending::Output {
                             bytes: out.output,
                             at: first,
                         },
-                    )?;
+                    );
                     b.put_u64(off::run::MORE, token);
                 }
                 Ok(out.written)
@@ -832,7 +901,11 @@ impl Offload {
                 }
                 b.put_i32(off::run::STATUS, -errno);
                 b.put_u32(off::run::RUN_ERROR, kind);
-                Ok(Vec::new())
+                // What a failed write may have reached is dropped from the page cache too.
+                Ok(match e {
+                    RunError::Io(_) if write => vec![range],
+                    _ => Vec::new(),
+                })
             }
         }
     }
@@ -877,13 +950,7 @@ impl Offload {
             Policy::ReadOnly => "ro",
             Policy::ReadWrite => "rw",
         };
-        let held: u64 = self
-            .users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|u| u.bytes)
-            .sum();
+        let held = self.users.total();
         vec![
             ("offload", policy.to_string()),
             ("offload_engine", "checked".to_string()),
@@ -920,7 +987,7 @@ impl Offload {
                 v.states,
                 p.load_time.as_micros(),
                 p.program.compile_time().as_micros(),
-                p.bytes
+                p.charge.bytes
             );
         }
         out
@@ -957,6 +1024,7 @@ fn classify(e: &RunError) -> (u32, i32) {
         RunError::HopLimit { .. } => (run_error::HOPS, libc::EDQUOT),
         RunError::DeviceBytesLimit { .. } => (run_error::DEVICE_BYTES, libc::EDQUOT),
         RunError::OutputLimit { .. } => (run_error::OUTPUT_BYTES, libc::E2BIG),
+        RunError::WriteLimit { .. } => (run_error::WRITE_BYTES, libc::EDQUOT),
         RunError::Timeout { .. } => (run_error::TIMEOUT, libc::ETIME),
         RunError::OutOfRange { .. } => (run_error::OUT_OF_RANGE, libc::ERANGE),
         RunError::ArgTooLarge { .. } => (run_error::ARG, libc::E2BIG),

@@ -112,8 +112,11 @@ impl Workers {
         });
         for k in 0..threads.max(1) {
             let shared = shared.clone();
+            // Compiling a large program takes more stack than a thread's default 2 MiB
+            // leaves comfortable; running out would abort the daemon.
             let spawned = std::thread::Builder::new()
                 .name(format!("nearfs-offload-{k}"))
+                .stack_size(16 << 20)
                 .spawn(move || work(&shared));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start an offload worker");
