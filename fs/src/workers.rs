@@ -84,8 +84,12 @@ impl Shared {
                 st.running.remove(&key);
             }
         }
-        // A user below its limit again may have jobs a worker can take.
-        self.ready.notify_one();
+        // The user is below its limit again: if it has jobs waiting, a worker can take
+        // one. (Only then: waking an idle worker for nothing costs every run done here a
+        // context switch.)
+        if st.queues.get(&key).is_some_and(|q| !q.is_empty()) {
+            self.ready.notify_one();
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(loaded) = elf::load(data) {
         for linked in &loaded.programs {
-            let _ = program::prepare(linked, &loaded);
+            let _ = program::prepare(linked, &loaded, Default::default());
         }
     }
 });
