@@ -132,6 +132,14 @@ impl GlobalId {
     }
 }
 
+/// Global ids for the crate's own tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    pub fn global(index: usize) -> super::GlobalId {
+        super::GlobalId(index)
+    }
+}
+
 /// An `lddw` that must load the address of `offset` bytes into region `region`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataRef {

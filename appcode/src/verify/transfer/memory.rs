@@ -319,3 +319,57 @@ pub(super) fn helper_writes_stack(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::super::super::range::arb;
+    use super::*;
+    use crate::verify::Checks;
+
+    fn env() -> Env<'static> {
+        Env {
+            globals: &[16, 4096],
+            checks: Checks::default(),
+            refs: Vec::new(),
+            next_id: 0,
+            stack_used: 0,
+            targets: Vec::new(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// An access the bounds check accepts lies inside its region for every concrete
+        /// offset the pointer may have, whatever the instruction's offset and size.
+        #[test]
+        fn accepted_accesses_lie_inside_their_region(
+            (off, v) in arb::range_with_value(),
+            insn_off in any::<i16>(),
+            (len, n) in arb::range_with_value(),
+            k in 0..7usize,
+        ) {
+            let regions = [
+                Region::Ctx,
+                Region::Data,
+                Region::Stack,
+                Region::Scratch,
+                Region::Arg,
+                Region::Global(crate::elf::tests_support::global(0)),
+                Region::Global(crate::elf::tests_support::global(1)),
+            ];
+            let region = regions[k];
+            let env = env();
+            let p = Value::Ptr { region, off };
+            if let Ok((r, lo, hi)) = env.bounds(p, 1, i64::from(insn_off), len) {
+                prop_assert_eq!(r, region);
+                let start = (v as i64).checked_add(i64::from(insn_off));
+                let end = start.and_then(|s| s.checked_add(i64::try_from(n).ok()?));
+                prop_assert!(start.is_some_and(|s| s >= lo && s >= 0));
+                prop_assert!(end.is_some_and(|e| e <= hi && e <= env.region_size(region)));
+            }
+        }
+    }
+}
