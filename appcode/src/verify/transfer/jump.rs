@@ -238,28 +238,13 @@ pub fn refine32(cond: Cond, a: Range, b: Range) -> Option<(Range, Range)> {
     }
     let (a32, b32) = (a.low32(), b.low32());
     if let (Some(x), Some(y)) = (a32.constant(), b32.constant()) {
-        let (sx, sy) = (x as u32 as i32, y as u32 as i32);
-        let holds = match cond {
-            Cond::Eq => x == y,
-            Cond::Ne => x != y,
-            Cond::Ugt => x > y,
-            Cond::Uge => x >= y,
-            Cond::Ult => x < y,
-            Cond::Ule => x <= y,
-            Cond::Sgt => sx > sy,
-            Cond::Sge => sx >= sy,
-            Cond::Slt => sx < sy,
-            Cond::Sle => sx <= sy,
-            Cond::Set => x & y != 0,
-            Cond::NotSet => x & y == 0,
-        };
-        return holds.then_some((a, b));
+        return cond.holds(x, y, 32).then_some((a, b));
     }
     Some((a, b))
 }
 
 impl Cond {
-    /// Whether `a cond b` holds, for `width`-bit operands (32 or 64).
+    /// Whether `a cond b` holds, for `width`-bit operands (32 or 64): what the CPU decides.
     pub fn holds(self, a: u64, b: u64, width: u32) -> bool {
         let (a, b) = if width == 32 {
             (a as u32 as u64, b as u32 as u64)
