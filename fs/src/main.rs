@@ -113,6 +113,28 @@ enum ProgCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Run a program here, over an ordinary FILE, without a mount: verified and compiled as
+    /// the daemon would, on the checked engine or on rbpf's interpreter (the reference).
+    /// Prints the output on stdout, the result and costs on stderr.
+    Run {
+        object: PathBuf,
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// The file bytes the program may use, OFF:LEN (LEN may be `end`).
+        #[arg(long, value_parser = prog::parse_range, default_value = "0:end")]
+        range: (u64, u64),
+        /// Argument words, concatenated: u64:N, u32:N, hex:HEX, str:TEXT, @FILE.
+        #[arg(long)]
+        arg: Vec<String>,
+        /// Let the program write FILE.
+        #[arg(long)]
+        write: bool,
+        #[arg(long, value_enum, default_value = "checked")]
+        engine: prog::EngineArg,
+        #[arg(long, value_enum, default_value = "hex")]
+        out: prog::OutFormat,
+    },
     /// List the programs loaded into the mount that holds PATH.
     List { path: PathBuf },
     /// Unload a program (its owner or root).
@@ -191,6 +213,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ProgCommand::Load { path, object, name } => {
                 prog::load_object(&path, &object, name.as_deref())?
             }
+            ProgCommand::Run {
+                object,
+                file,
+                name,
+                range,
+                arg,
+                write,
+                engine,
+                out,
+            } => prog::run_local(&prog::LocalRun {
+                object: &object,
+                name: name.as_deref(),
+                file: &file,
+                range,
+                arg: prog::parse_arg(&arg)?,
+                write,
+                engine,
+                out,
+            })?,
             ProgCommand::List { path } => prog::list(&path)?,
             ProgCommand::Unload { path, id } => prog::unload(&path, id)?,
         },

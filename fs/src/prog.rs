@@ -1,4 +1,5 @@
-//! `nearfs prog verify|disasm`: what a person writing appcode runs on an object file.
+//! `nearfs prog verify|disasm|run`: what a person writing appcode runs on an object file,
+//! and the commands that load programs into a mount and run them there.
 
 use std::io::Write;
 use std::path::Path;
@@ -241,17 +242,29 @@ pub fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         let _ = nearfs_client::unload(&f, prog);
     }
     let out = result?;
+    let c = &out.costs;
+    report(
+        a.out,
+        &out.output,
+        out.result,
+        [c.insns, c.hops, c.device_bytes, c.output_bytes],
+    )
+}
+
+/// Prints a run's output on stdout in `format`, its result and costs (instructions, hops,
+/// device bytes, output bytes) on stderr.
+fn report(format: OutFormat, output: &[u8], result: u64, costs: [u64; 4]) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
-    match a.out {
-        OutFormat::Raw => stdout.write_all(&out.output)?,
+    match format {
+        OutFormat::Raw => stdout.write_all(output)?,
         OutFormat::Hex => {
-            for (i, line) in out.output.chunks(16).enumerate() {
+            for (i, line) in output.chunks(16).enumerate() {
                 let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
                 writeln!(stdout, "{:08x}  {}", i * 16, hex.join(" "))?;
             }
         }
         OutFormat::U64 => {
-            for w in out.output.chunks(8) {
+            for w in output.chunks(8) {
                 let mut b = [0u8; 8];
                 b[..w.len()].copy_from_slice(w);
                 writeln!(stdout, "{}", u64::from_le_bytes(b))?;
@@ -259,14 +272,91 @@ pub fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         }
     }
     stdout.flush()?;
+    let [insns, hops, device_bytes, output_bytes] = costs;
     eprintln!(
-        "result={} ({}) insns={} hops={} device_bytes={} output_bytes={}",
-        out.result,
-        out.result as i64,
-        out.costs.insns,
-        out.costs.hops,
-        out.costs.device_bytes,
-        out.costs.output_bytes
+        "result={result} ({}) insns={insns} hops={hops} device_bytes={device_bytes} \
+         output_bytes={output_bytes}",
+        result as i64
     );
     Ok(())
+}
+
+/// Which engine `nearfs prog run` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineArg {
+    /// The checked engine, as the daemon runs every program.
+    Checked,
+    /// rbpf's interpreter, the reference.
+    Interpreter,
+}
+
+/// What `nearfs prog run` is asked to do.
+pub struct LocalRun<'a> {
+    pub object: &'a Path,
+    pub name: Option<&'a str>,
+    pub file: &'a Path,
+    pub range: (u64, u64),
+    pub arg: Vec<u8>,
+    pub write: bool,
+    pub engine: EngineArg,
+    pub out: OutFormat,
+}
+
+/// `nearfs prog run`: verifies, compiles and runs a program in this process over an
+/// ordinary file, as the daemon would over a file of a mount, without one: for writing and
+/// debugging appcode. The file is one extent; with `write` the program's writes land in it.
+pub fn run_local(a: &LocalRun<'_>) -> anyhow::Result<()> {
+    let object =
+        std::fs::read(a.object).with_context(|| format!("reading {}", a.object.display()))?;
+    let mode = match a.engine {
+        EngineArg::Checked => appcode::Mode::Checked,
+        EngineArg::Interpreter => appcode::Mode::Interpreter,
+    };
+    let program = appcode::Program::from_elf(&object, a.name, mode)
+        .with_context(|| format!("loading {}", a.object.display()))?;
+    let device = blockdev::FileDevice::open(
+        a.file,
+        blockdev::OpenOptions {
+            direct: false,
+            read_only: !a.write,
+        },
+    )
+    .with_context(|| format!("opening {}", a.file.display()))?;
+    let size = blockdev::BlockDevice::len(&device);
+    let extents = [appcode::Extent {
+        file_off: 0,
+        dev_off: 0,
+        len: size,
+        unwritten: false,
+    }];
+    let (off, len) = a.range;
+    let end = if len == nearfs_client::abi::RANGE_TO_END {
+        size.max(off)
+    } else {
+        off.checked_add(len).context("--range wraps")?
+    };
+    let world = appcode::World {
+        device: &device,
+        extents: &extents,
+        file_size: size,
+        range: off..end,
+        writable: a.write,
+    };
+    let req = appcode::Request {
+        arg: &a.arg,
+        limits: appcode::Limits::default(),
+    };
+    let out = program
+        .run(world, &req)
+        .map_err(|e| anyhow::anyhow!("the run failed: {e}"))?;
+    if a.write {
+        blockdev::BlockDevice::flush(&device)?;
+    }
+    let c = &out.costs;
+    report(
+        a.out,
+        &out.output,
+        out.result,
+        [c.insns, c.hops, c.device_bytes, c.output_bytes],
+    )
 }
