@@ -103,7 +103,8 @@ fn writes(i: &Insn, r: u8) -> bool {
 
 struct Program<'a> {
     insns: &'a [Insn],
-    refs: &'a [DataRef],
+    /// The global reference of each slot, if it has one.
+    refs: Vec<Option<DataRef>>,
     /// Sorted function entry slots; function k spans `entries[k]..entries[k + 1]`.
     entries: Vec<usize>,
     /// Bytes of stack each function addresses through r10.
@@ -196,9 +197,15 @@ pub fn inline(insns: &[Insn], refs: &[DataRef]) -> Result<Inlined, InlineError> 
     }
     entries.sort_unstable();
     entries.dedup();
+    let mut by_slot = vec![None; insns.len()];
+    for r in refs {
+        if let Some(slot) = by_slot.get_mut(r.insn) {
+            *slot = Some(*r);
+        }
+    }
     let mut p = Program {
         insns,
-        refs,
+        refs: by_slot,
         frame: Vec::new(),
         clobbers: Vec::new(),
         entries,
@@ -369,10 +376,10 @@ fn emit(
             jumps.push((out.insns.len(), target(at, &i).unwrap() as usize));
             push(out, insn);
         } else {
-            if let Some(r) = p.refs.iter().find(|r| r.insn == at) {
+            if let Some(r) = p.refs[at] {
                 out.data_refs.push(DataRef {
                     insn: out.insns.len(),
-                    ..*r
+                    ..r
                 });
             }
             push(out, insn);

@@ -329,3 +329,49 @@ fn the_largest_program_the_verifier_accepts_compiles() {
     let e = Program::from_insns("larger", &p, Mode::Checked).unwrap_err();
     assert!(format!("{e:?}").contains("TooLarge"), "{e}");
 }
+
+#[test]
+fn dead_code_full_of_backward_jumps_costs_the_verifier_little() {
+    // Only the first two slots run; the rest is a chain of backward jumps that the
+    // dataflow pass still analyses. Solved by sweeps, each sweep moved one step up the
+    // chain: about 20 s for the largest program in a release build.
+    let mut insns = vec![
+        Insn::new(0xb7, 0, 0, 0, 0),
+        Insn::new(0x95, 0, 0, 0, 0),
+        Insn::new(0x15, 0, 0, -1, 0),
+    ];
+    insns.resize(appcode::verify::MAX_INSNS, Insn::new(0x05, 0, 0, -2, 0));
+    let p = Program::from_insns("chain", &insns, Mode::Checked).unwrap();
+    let file = TestFile::new(&[0u8; 4096]);
+    assert_eq!(
+        p.run(file.world(false), &Request::default())
+            .unwrap()
+            .result,
+        0
+    );
+}
+
+#[test]
+fn rbpfs_engines_refuse_programs_past_their_i16_jumps() {
+    // rbpf jumps with an i16 instruction pointer: past slot 32,767 its interpreter lands
+    // elsewhere (or panics). The checked engine runs the program; rbpf refuses it.
+    let mut insns = vec![Insn::new(0xb7, 0, 0, 0, 7)];
+    insns.extend(std::iter::repeat_n(Insn::new(0x07, 0, 0, 0, 1), 32_800));
+    insns.extend([
+        Insn::new(0x05, 0, 0, 1, 0),
+        Insn::new(0xb7, 0, 0, 0, 5),
+        Insn::new(0x95, 0, 0, 0, 0),
+    ]);
+    let file = TestFile::new(&[0u8; 4096]);
+    let p = Program::from_insns("long", &insns, Mode::Checked).unwrap();
+    assert_eq!(
+        p.run(file.world(false), &Request::default())
+            .unwrap()
+            .result,
+        32_807
+    );
+    for mode in [Mode::Interpreter, Mode::UncheckedJit] {
+        let e = Program::from_insns("long", &insns, mode).unwrap_err();
+        assert!(matches!(e, ProgramError::Engine(_)), "{mode:?}: {e}");
+    }
+}

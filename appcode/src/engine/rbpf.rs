@@ -41,6 +41,15 @@ impl Rbpf {
     /// Builds `code` (rewritten for rbpf) for the interpreter or the JIT; the interpreter
     /// may read `globals`.
     pub(crate) fn new(code: Vec<u8>, jit: bool, globals: &Globals) -> Result<Rbpf, String> {
+        // rbpf keeps its instruction pointer in an i16 when it jumps: past slot 32,767 it
+        // lands somewhere else.
+        if code.len() / 8 > i16::MAX as usize {
+            return Err(format!(
+                "{} slots once rewritten; rbpf's engines address at most {}",
+                code.len() / 8,
+                i16::MAX
+            ));
+        }
         let code = Box::into_raw(code.into_boxed_slice());
         // SAFETY: `code` stays allocated until `drop`, which drops the VM first.
         let bytes: &'static [u8] = unsafe { &*code };
@@ -106,7 +115,11 @@ impl Rbpf {
             // is why nearfs runs it only to measure against.
             unsafe { self.vm.execute_program_jit(mem) }
         } else {
-            self.vm.execute_program(mem)
+            // rbpf's interpreter has `unreachable!()`s of its own; one costs the run.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.vm.execute_program(mem)
+            }))
+            .unwrap_or_else(|_| Err(std::io::Error::other("rbpf's interpreter panicked")))
         };
         drop(_published);
         let run = host.run;

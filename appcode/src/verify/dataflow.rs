@@ -51,19 +51,33 @@ impl<'p> Flow<'p> {
         preds.into_iter().map(|p| p >= 2).collect()
     }
 
-    /// Solves `in[pc] = f(pc, out[pc])`, `out[pc] = ∪ in[successors]`.
+    /// Solves `in[pc] = f(pc, out[pc])`, `out[pc] = ∪ in[successors]`, for transfer
+    /// functions that only ever add registers as `out` grows. With a work list each slot
+    /// is revisited only when a successor's value grew, which it can at most 16 times, so
+    /// the work is linear in the program — also for chains of backward jumps, which
+    /// repeated sweeps would cross one step per sweep.
     fn backward(&self, f: impl Fn(&Insn, u16) -> u16) -> Vec<u16> {
         let n = self.insns.len();
+        let mut preds = vec![Vec::new(); n];
+        for (pc, succ) in self.succ.iter().enumerate() {
+            for &s in succ {
+                preds[s].push(pc);
+            }
+        }
         let mut inn = vec![0u16; n];
-        let mut changed = true;
-        while changed {
-            changed = false;
-            for pc in (0..n).rev() {
-                let out = self.succ[pc].iter().fold(0, |m, &s| m | inn[s]);
-                let v = f(&self.insns[pc], out);
-                if v != inn[pc] {
-                    inn[pc] = v;
-                    changed = true;
+        let mut queued = vec![true; n];
+        let mut work: Vec<usize> = (0..n).collect();
+        while let Some(pc) = work.pop() {
+            queued[pc] = false;
+            let out = self.succ[pc].iter().fold(0, |m, &s| m | inn[s]);
+            let v = f(&self.insns[pc], out);
+            if v != inn[pc] {
+                inn[pc] = v;
+                for &p in &preds[pc] {
+                    if !queued[p] {
+                        queued[p] = true;
+                        work.push(p);
+                    }
                 }
             }
         }

@@ -65,6 +65,8 @@ pub struct Budget {
     pub insns: u64,
     /// States kept for pruning.
     pub states: usize,
+    /// Bytes those states may take, about.
+    pub memory: usize,
     pub time: Duration,
 }
 
@@ -73,6 +75,7 @@ impl Default for Budget {
         Budget {
             insns: 1_000_000,
             states: 100_000,
+            memory: 128 << 20,
             time: Duration::from_secs(2),
         }
     }
@@ -174,6 +177,7 @@ pub fn verify(
         budget,
         start: Instant::now(),
         reached: vec![false; insns.len()],
+        kept: 0,
         joins: FastMap::default(),
         thresholds: Thresholds::new(
             insns
@@ -387,6 +391,47 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(r.reason, Reason::TooComplex { .. }), "{r}");
+        // States that each carry a full stack, at one merge point after another, stop at
+        // the memory budget, whatever the state count.
+        let mut text = String::new();
+        for k in 1..=64 {
+            text.push_str(&format!("stdw [%r10-{}], {k}\n", 8 * k));
+        }
+        text.push_str("ldxdw %r1, [%r1+40]\nmov %r2, 0\n");
+        for k in 0..400 {
+            text.push_str(&format!("jeq %r1, {k}, +1\nmov %r2, {k}\n"));
+        }
+        text.push_str("mov %r0, %r2\nexit");
+        let stacked = assemble(&text).unwrap();
+        let tight = Budget {
+            memory: 1 << 20,
+            ..Budget::default()
+        };
+        let r = verify(
+            &stacked,
+            &[],
+            &Globals { sizes: &[] },
+            tight,
+            Checks::default(),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(Rejection {
+                    reason: Reason::TooComplex { .. },
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let ok = verify(
+            &stacked,
+            &[],
+            &Globals { sizes: &[] },
+            Budget::default(),
+            Checks::default(),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
         let instant = Budget {
             time: Duration::ZERO,
             ..Budget::default()

@@ -56,6 +56,8 @@ pub(super) struct Explorer<'p> {
     pub start: Instant,
     /// Slots some path executed.
     pub reached: Vec<bool>,
+    /// Bytes of the states kept, about.
+    pub kept: usize,
     pub thresholds: Thresholds,
     /// Joins so far by point and state shape (see `State::shape_hash`).
     pub joins: FastMap<(usize, u64), u32>,
@@ -88,7 +90,10 @@ impl Explorer<'_> {
             }
             self.processed += 1;
             len += 1;
-            if self.processed > self.budget.insns || self.nodes.len() > self.budget.states {
+            if self.processed > self.budget.insns
+                || self.nodes.len() > self.budget.states
+                || self.kept > self.budget.memory
+            {
                 let head = (0..self.visits.len())
                     .max_by_key(|&i| self.visits[i])
                     .unwrap_or(pc);
@@ -275,6 +280,7 @@ impl Explorer<'_> {
             }
             recent.push(m);
         }
+        self.kept += state.bytes();
         self.states.push(Some(state));
         self.work.push(Reverse((iter, pc, m)));
     }

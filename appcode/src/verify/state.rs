@@ -240,6 +240,11 @@ impl State {
         }
     }
 
+    /// Bytes the state takes, about.
+    pub(super) fn bytes(&self) -> usize {
+        std::mem::size_of::<State>() + self.stack.len() * std::mem::size_of::<Slot>()
+    }
+
     pub(super) fn hash64(&self) -> u64 {
         let mut h = FastHasher::default();
         self.hash(&mut h);
