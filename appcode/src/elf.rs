@@ -31,10 +31,12 @@ pub const MAX_GLOBALS: usize = 64;
 pub const MAX_PROGRAMS: usize = 64;
 /// Longest program name (`nearfs/NAME`), as the ioctls carry it with its NUL.
 pub const MAX_NAME: usize = 63;
-/// Most BTF line records read from one object, and bytes kept of each string they name:
-/// line info only improves messages, so a hostile object gets a little of it.
+/// Most BTF line records read from one object (and most record groups), bytes kept of
+/// each string they name, and of all those strings together (past it, the object has no
+/// line info): line info only improves messages, so a hostile object gets a little of it.
 const MAX_LINES: usize = 1 << 16;
 const LINE_TEXT: usize = 256;
+const LINE_STRINGS: usize = 4 << 20;
 
 /// Why an object cannot be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,7 +56,8 @@ pub enum LoadError {
     TooManySections { sections: usize },
     /// More programs than [`MAX_PROGRAMS`].
     TooManyPrograms,
-    /// A program name that is empty, longer than [`MAX_NAME`] or given twice.
+    /// A program name that is empty, longer than [`MAX_NAME`], given twice, or with
+    /// other characters than letters, digits, `_`, `.` and `-`.
     BadName { name: String },
     /// References to more global sections than [`MAX_GLOBALS`].
     TooManyGlobals,
@@ -96,7 +99,8 @@ impl fmt::Display for LoadError {
             }
             LoadError::BadName { name } => write!(
                 f,
-                "program name {name:?}: names are 1 to {MAX_NAME} bytes, each once"
+                "program name {name:?}: names are 1 to {MAX_NAME} letters, digits, '_', '.' \
+                 or '-', each name once"
             ),
             LoadError::TooManyGlobals => write!(
                 f,
@@ -213,6 +217,7 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
     }
     let mut region_of: HashMap<SectionIndex, GlobalId> = HashMap::new();
     let line_info = btf_lines(&file).unwrap_or_default();
+    let mut lines_kept = 0;
     let text = file.section_by_name(".text").filter(|s| s.size() > 0);
     for section in file.sections() {
         let Some(name) = section
@@ -222,8 +227,12 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
         else {
             continue;
         };
+        // Names are shown to other users (listings, `user.nearfs.programs`): they must not
+        // be able to pass for something else there.
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
         if name.is_empty()
             || name.len() > MAX_NAME
+            || !name.chars().all(plain)
             || loaded.programs.iter().any(|p| p.name == name)
         {
             return Err(LoadError::BadName {
@@ -242,7 +251,9 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
         };
         let mut insns = code(&section)?;
         let mut bases = vec![(section.index(), 0usize)];
-        let calls_text = section.relocations().any(|(_, r)| {
+        // One relocation per instruction (checked as they are applied): more are never
+        // looked at, however many relocation sections name this one.
+        let calls_text = section.relocations().take(insns.len() + 1).any(|(_, r)| {
             matches!(r.target(), RelocationTarget::Symbol(s) if file.symbol_by_index(s).ok().and_then(|s| s.section_index()) == text.as_ref().map(|t| t.index()))
         });
         if let Some(t) = text.as_ref().filter(|_| calls_text) {
@@ -260,11 +271,17 @@ pub fn load(elf: &[u8]) -> Result<Loaded, LoadError> {
             linker.relocate(&sec, base, &bases, &mut insns)?;
         }
         let data_refs = linker.data_refs;
+        // Records inside their section only, and MAX_LINES in all: `.text`'s are copied
+        // into every program that calls it.
         let mut lines = Vec::new();
         for &(index, base) in &bases {
             let sec = file.section_by_index(index).map_err(malformed)?;
             let recs = sec.name().ok().and_then(|n| line_info.get(n));
             for (off, line) in recs.into_iter().flatten() {
+                if u64::from(*off) >= sec.size() || lines_kept == MAX_LINES {
+                    continue;
+                }
+                lines_kept += 1;
                 lines.push((base + *off as usize / INSN_SIZE, line.clone()));
             }
         }
@@ -447,6 +464,7 @@ fn parse_lines(btf: &[u8], ext: &[u8]) -> Option<HashMap<String, Vec<(u32, Line)
     // Each string is read once (records share them) and at most LINE_TEXT bytes of it: a
     // hostile object cannot make this copy more than its records times that.
     let mut seen: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut kept = 0;
     let mut string = |off: u32| -> Option<Arc<str>> {
         if let Some(s) = seen.get(&off) {
             return Some(s.clone());
@@ -454,6 +472,10 @@ fn parse_lines(btf: &[u8], ext: &[u8]) -> Option<HashMap<String, Vec<(u32, Line)
         let s = strings.get(off as usize..)?;
         let s = &s[..s.len().min(LINE_TEXT)];
         let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+        kept += end;
+        if kept > LINE_STRINGS {
+            return None;
+        }
         let text: Arc<str> = String::from_utf8_lossy(&s[..end]).into();
         seen.insert(off, text.clone());
         Some(text)
@@ -469,7 +491,12 @@ fn parse_lines(btf: &[u8], ext: &[u8]) -> Option<HashMap<String, Vec<(u32, Line)
     let mut out: HashMap<String, Vec<(u32, Line)>> = HashMap::new();
     let mut records = 0;
     let mut pos = 4;
+    let mut groups = 0;
     while pos < info.len() {
+        groups += 1;
+        if groups > MAX_LINES {
+            return Some(out);
+        }
         let section = string(u32_at(info, pos)?)?.to_string();
         let count = u32_at(info, pos + 4)? as usize;
         pos += 8;
@@ -537,5 +564,31 @@ mod tests {
                 .all(|(_, l)| Arc::ptr_eq(&l.text, &recs[0].1.text))
         );
         assert_eq!(recs[5].1.line, 7);
+    }
+
+    #[test]
+    fn empty_groups_and_distinct_strings_are_capped_too() {
+        // 300,000 groups of no records, each naming another 255-byte string.
+        let mut strings = Vec::new();
+        for k in 0..300_000u32 {
+            strings.extend(format!("{k:0>255}").bytes());
+            strings.push(0);
+        }
+        let mut btf = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 0, 0, strings.len() as u32] {
+            btf.extend(v.to_le_bytes());
+        }
+        btf.extend_from_slice(&strings);
+        let mut ext = vec![0x9f, 0xeb, 1, 0];
+        for v in [32u32, 0, 0, 0, 4 + 8 * 300_000, 0, 0] {
+            ext.extend(v.to_le_bytes());
+        }
+        ext.extend(16u32.to_le_bytes());
+        for k in 0..300_000u32 {
+            ext.extend((256 * k).to_le_bytes());
+            ext.extend(0u32.to_le_bytes());
+        }
+        // 65,536 groups of 255 bytes pass the 4 MiB of strings: no line info at all.
+        assert_eq!(parse_lines(&btf, &ext), None);
     }
 }

@@ -7,6 +7,7 @@
 //! (invariant 2). Writes are buffered and applied only when the run succeeds, so a failing
 //! run changes nothing.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -54,8 +55,10 @@ pub struct Limits {
     pub wall: Duration,
 }
 
-/// What one buffered write costs against [`Limits::write_bytes`] beyond its bytes.
-pub const WRITE_OVERHEAD: u64 = 64;
+/// What one buffered write costs against [`Limits::write_bytes`] beyond its bytes: a write
+/// that touches no other is one device write when the run ends, so it costs at least a
+/// sector's worth (at most 8192 of them under the default limit).
+pub const WRITE_OVERHEAD: u64 = 512;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -206,8 +209,7 @@ pub(crate) struct Run<'a> {
     deadline: Instant,
     pub(crate) costs: Costs,
     output: Vec<u8>,
-    /// Buffered writes, in order: (file offset, bytes).
-    writes: Vec<(u64, Vec<u8>)>,
+    writes: Writes,
     /// What they count against `limits.write_bytes`.
     write_bytes: u64,
     /// Most fuel one grant hands out ([`SLICE`]; less in tests).
@@ -227,7 +229,7 @@ impl<'a> Run<'a> {
             deadline: Instant::now() + limits.wall,
             costs: Costs::default(),
             output: Vec::new(),
-            writes: Vec::new(),
+            writes: Writes::default(),
             write_bytes: 0,
             slice: 0,
             stop: None,
@@ -352,13 +354,11 @@ impl<'a> Run<'a> {
         buf[done..].fill(0);
         // This run's own writes are visible to it.
         let buf_end = off.saturating_add(buf.len() as u64);
-        for (w, bytes) in &self.writes {
-            let lo = (*w).max(off);
+        for (w, bytes) in self.writes.over(off, buf_end) {
+            let lo = w.max(off);
             let hi = (w + bytes.len() as u64).min(buf_end);
-            if lo < hi {
-                buf[(lo - off) as usize..(hi - off) as usize]
-                    .copy_from_slice(&bytes[(lo - w) as usize..(hi - w) as usize]);
-            }
+            buf[(lo - off) as usize..(hi - off) as usize]
+                .copy_from_slice(&bytes[(lo - w) as usize..(hi - w) as usize]);
         }
         Ok(())
     }
@@ -430,7 +430,7 @@ impl<'a> Run<'a> {
             });
             return -errno::ENOSPC;
         }
-        self.writes.push((off, src.to_vec()));
+        self.writes.insert(off, src.to_vec());
         0
     }
 
@@ -446,10 +446,12 @@ impl<'a> Run<'a> {
         0
     }
 
-    /// Ends a successful run: applies the buffered writes through the extents.
+    /// Ends a successful run: applies the buffered writes through the extents, one
+    /// device write per stretch of adjacent bytes written and extent.
     pub(crate) fn finish(mut self, result: u64) -> Result<Outcome, RunError> {
-        let mut written = Vec::new();
-        for (off, bytes) in std::mem::take(&mut self.writes) {
+        let stretches = std::mem::take(&mut self.writes).stretches();
+        let mut written = Vec::with_capacity(stretches.len());
+        for (off, bytes) in stretches {
             let end = off + bytes.len() as u64;
             let extents = self.world.extents;
             let first = extents.partition_point(|e| e.file_off + e.len <= off);
@@ -467,16 +469,6 @@ impl<'a> Run<'a> {
             }
             written.push(off..end);
         }
-        // One range per stretch written, for the caller to invalidate.
-        written.sort_by_key(|r| r.start);
-        let mut merged: Vec<Range<u64>> = Vec::with_capacity(written.len());
-        for r in written {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
-        let written = merged;
         self.costs.output_bytes = self.output.len() as u64;
         Ok(Outcome {
             result,
@@ -484,5 +476,154 @@ impl<'a> Run<'a> {
             costs: self.costs,
             written,
         })
+    }
+}
+
+/// A run's buffered writes as the file would hold them: pieces that do not overlap, by
+/// file offset, each a stretch of the bytes of the write that last covered it. A write
+/// trims or splits the pieces it covers without copying them, so that neither writing nor
+/// reading through the buffer costs more than the bytes it moves and a logarithm.
+#[derive(Default)]
+struct Writes {
+    /// File offset → piece starting there.
+    pieces: BTreeMap<u64, Piece>,
+    /// Each write's bytes, as written.
+    bufs: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Copy)]
+struct Piece {
+    buf: usize,
+    /// Where in its write's bytes the piece starts.
+    at: u64,
+    len: u64,
+}
+
+impl Piece {
+    /// The part of this piece, which starts at file offset `start`, from file offset `from`.
+    fn from(self, start: u64, from: u64) -> Piece {
+        Piece {
+            at: self.at + (from - start),
+            len: self.len - (from - start),
+            ..self
+        }
+    }
+}
+
+impl Writes {
+    /// Buffers `bytes` (not empty) at file offset `off`, over what was written there.
+    fn insert(&mut self, off: u64, bytes: Vec<u8>) {
+        let end = off + bytes.len() as u64;
+        // A piece from before `off` reaching into the write keeps its head, and its tail
+        // past the write if it has one.
+        if let Some((&start, &p)) = self.pieces.range(..off).next_back()
+            && start + p.len > off
+        {
+            self.pieces.insert(
+                start,
+                Piece {
+                    len: off - start,
+                    ..p
+                },
+            );
+            if start + p.len > end {
+                self.pieces.insert(end, p.from(start, end));
+            }
+        }
+        // Pieces starting inside the write keep only what lies past it.
+        while let Some((&start, &p)) = self.pieces.range(off..end).next() {
+            self.pieces.remove(&start);
+            if start + p.len > end {
+                self.pieces.insert(end, p.from(start, end));
+            }
+        }
+        let buf = self.bufs.len();
+        self.pieces.insert(
+            off,
+            Piece {
+                buf,
+                at: 0,
+                len: end - off,
+            },
+        );
+        self.bufs.push(bytes);
+    }
+
+    fn bytes(&self, p: &Piece) -> &[u8] {
+        &self.bufs[p.buf][p.at as usize..(p.at + p.len) as usize]
+    }
+
+    /// The pieces overlapping `[off, end)`, in file order: (file offset, bytes).
+    fn over(&self, off: u64, end: u64) -> impl Iterator<Item = (u64, &[u8])> {
+        let before = self
+            .pieces
+            .range(..off)
+            .next_back()
+            .filter(|(start, p)| **start + p.len > off);
+        before
+            .into_iter()
+            .chain(self.pieces.range(off..end))
+            .map(|(&start, p)| (start, self.bytes(p)))
+    }
+
+    /// What was written, as stretches of adjacent bytes in file order.
+    fn stretches(self) -> Vec<(u64, Vec<u8>)> {
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (&start, p) in &self.pieces {
+            match out.last_mut() {
+                Some((at, bytes)) if *at + bytes.len() as u64 == start => {
+                    bytes.extend_from_slice(self.bytes(p))
+                }
+                _ => out.push((start, self.bytes(p).to_vec())),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The buffer reads back, and applies, what the writes in order leave in a file.
+        #[test]
+        fn writes_read_back_as_a_file_would_hold_them(
+            writes in prop::collection::vec((0u64..64, 1usize..24, any::<u8>()), 1..40),
+            from in 0u64..80,
+            len in 0u64..80,
+        ) {
+            let mut model: Vec<Option<u8>> = vec![None; 160];
+            let mut buffer = Writes::default();
+            for (k, &(off, n, fill)) in writes.iter().enumerate() {
+                let bytes: Vec<u8> = (0..n).map(|i| fill.wrapping_add((k + i) as u8)).collect();
+                for (i, &b) in bytes.iter().enumerate() {
+                    model[off as usize + i] = Some(b);
+                }
+                buffer.insert(off, bytes);
+            }
+            let mut seen: Vec<Option<u8>> = vec![None; 160];
+            for (at, bytes) in buffer.over(from, from + len) {
+                prop_assert!(at < from + len && at + bytes.len() as u64 > from);
+                for (i, &b) in bytes.iter().enumerate() {
+                    seen[at as usize + i] = Some(b);
+                }
+            }
+            let window = from as usize..(from + len) as usize;
+            prop_assert_eq!(&seen[window.clone()], &model[window]);
+            let mut applied: Vec<Option<u8>> = vec![None; 160];
+            let stretches = buffer.stretches();
+            for pair in stretches.windows(2) {
+                prop_assert!(pair[0].0 + (pair[0].1.len() as u64) < pair[1].0, "adjacent stretches are one");
+            }
+            for (at, bytes) in stretches {
+                for (i, &b) in bytes.iter().enumerate() {
+                    applied[at as usize + i] = Some(b);
+                }
+            }
+            prop_assert_eq!(applied, model);
+        }
     }
 }

@@ -331,6 +331,64 @@ fn the_largest_program_the_verifier_accepts_compiles() {
 }
 
 #[test]
+fn programs_too_costly_to_compile_are_refused_before_compiling() {
+    // Each shape verifies in well under a second and compiled once in 4 to 45 s and up to
+    // 4 GB (register allocation grows with blocks times values).
+    let n = appcode::verify::MAX_INSNS;
+    let exit = Insn::new(0x95, 0, 0, 0, 0);
+    let refused = |name: &str, insns: &[Insn], why: &str| match Program::from_insns(
+        name,
+        insns,
+        Mode::Checked,
+    ) {
+        Err(ProgramError::Engine(e)) => assert!(e.contains(why), "{name}: {e}"),
+        Err(e) => panic!("{name}: refused for another reason: {e}"),
+        Ok(_) => panic!("{name}: compiled"),
+    };
+    // Every slot a loop head: `jne r9, 0, -1` with r9 = 0, never taken.
+    let mut heads = vec![Insn::new(0xb7, 9, 0, 0, 0), Insn::new(0xb7, 0, 0, 0, 0)];
+    heads.resize(n - 1, Insn::new(0x55, 9, 0, -1, 0));
+    heads.push(exit);
+    refused("heads", &heads, "loop heads");
+    // Up to the bound they compile and run.
+    heads.truncate(2 + 4096);
+    heads.push(exit);
+    let p = Program::from_insns("4096 heads", &heads, Mode::Checked).unwrap();
+    let file = TestFile::new(&[0u8; 4096]);
+    assert_eq!(
+        p.run(file.world(false), &Request::default())
+            .unwrap()
+            .result,
+        0
+    );
+    // Every slot jumps back into one (never taken).
+    let mut one = vec![Insn::new(0xb7, 9, 0, 0, 0), Insn::new(0xb7, 0, 0, 0, 0)];
+    while one.len() < 20_000 {
+        let back = 1 - one.len() as i16;
+        one.push(Insn::new(0x55, 9, 0, back - 1, 0));
+    }
+    one.push(exit);
+    refused("one head", &one, "jumps enter one instruction");
+    // Loads through a pointer that is the stack or scratch, decided by the file: each is
+    // resolved by a call, with a block of its own.
+    let mut resolved = assemble(
+        "stdw [%r10-8], 0
+         ldxdw %r2, [%r1]
+         ldxb %r3, [%r2]
+         ldxdw %r6, [%r1+16]
+         jeq %r3, 0, l
+         mov %r6, %r10
+         add %r6, -8
+         l:
+         mov %r0, 0",
+    )
+    .unwrap();
+    resolved.resize(n - 1, Insn::new(0x71, 0, 6, 0, 0));
+    resolved.push(exit);
+    refused("resolved", &resolved, "too costly to compile");
+}
+
+#[test]
 fn dead_code_full_of_backward_jumps_costs_the_verifier_little() {
     // Only the first two slots run; the rest is a chain of backward jumps that the
     // dataflow pass still analyses. Solved by sweeps, each sweep moved one step up the

@@ -173,7 +173,7 @@ impl Compiled {
             call_conv,
             frontend: isa.frontend_config(),
         };
-        translate(&plan, &mut func);
+        translate(&plan, &mut func)?;
         let mut ctx = Context::for_function(func);
         let compiled = ctx
             .compile(isa.as_ref(), &mut ControlPlane::default())

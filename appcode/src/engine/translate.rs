@@ -111,17 +111,28 @@ struct Translator<'a, 'f> {
     resolve_sig: cranelift_codegen::ir::SigRef,
 }
 
-/// Builds the function for `plan` into `func`.
-pub(super) fn translate(plan: &Plan<'_>, func: &mut Function) {
+/// Most slots that backward jumps enter, and most jumps into one slot. Register
+/// allocation's work grows with blocks times values, and each of these adds blocks that
+/// keep every register live (a loop head's yield and resume) or values on every edge in:
+/// a program chooses both, so both are bounded (see [`MAX_WORK`]).
+pub(super) const MAX_LOOP_HEADS: usize = 4096;
+pub(super) const MAX_JUMPS_IN: usize = 4096;
+/// Most blocks times values of the translated function: a little above what the largest
+/// program the verifier accepts needs (65,536 slots of checked loads, stores and branches,
+/// 4·10^10), which compiles in about a second.
+pub(super) const MAX_WORK: u64 = 6 * 10u64.pow(10);
+
+/// Builds the function for `plan` into `func`; an error if it would cost more to compile
+/// than the bounds above allow.
+pub(super) fn translate(plan: &Plan<'_>, func: &mut Function) -> Result<(), String> {
     let n = plan.insns.len();
-    let mut fctx = FunctionBuilderContext::new();
-    let mut b = FunctionBuilder::new(func, &mut fctx);
 
     // Leaders: the entry, jump targets, and slots after jumps and exits. Slots that a
     // backward jump enters check the fuel.
     let mut leader = vec![false; n];
     let mut loop_head = vec![false; n];
     let mut second = vec![false; n];
+    let mut jumps_in = vec![0usize; n];
     let mut pc = 0;
     if n > 0 {
         leader[0] = true;
@@ -138,12 +149,27 @@ pub(super) fn translate(plan: &Plan<'_>, func: &mut Function) {
         {
             leader[t] = true;
             loop_head[t] |= t <= pc;
+            jumps_in[t] += 1;
         }
         if (is_jump(i) || i.op == class::JMP | jmp::EXIT) && pc + 1 < n {
             leader[pc + 1] = true;
         }
         pc += 1;
     }
+    let heads = loop_head.iter().filter(|&&h| h).count();
+    if heads > MAX_LOOP_HEADS {
+        return Err(format!(
+            "{heads} instructions are entered by backward jumps (loop heads); a program may \
+             have {MAX_LOOP_HEADS}"
+        ));
+    }
+    if let Some(most) = jumps_in.iter().copied().max().filter(|&m| m > MAX_JUMPS_IN) {
+        return Err(format!(
+            "{most} jumps enter one instruction; a program may have {MAX_JUMPS_IN}"
+        ));
+    }
+    let mut fctx = FunctionBuilderContext::new();
+    let mut b = FunctionBuilder::new(func, &mut fctx);
     let blocks: Vec<Option<Block>> = (0..n)
         .map(|pc| leader[pc].then(|| b.create_block()))
         .collect();
@@ -216,6 +242,16 @@ pub(super) fn translate(plan: &Plan<'_>, func: &mut Function) {
     t.epilogues();
     t.b.seal_all_blocks();
     t.b.finalize(plan.frontend);
+    let work = func.dfg.num_blocks() as u64 * func.dfg.num_values() as u64;
+    if work > MAX_WORK {
+        return Err(format!(
+            "the program is too costly to compile: {} blocks × {} values once translated, \
+             above {MAX_WORK}; split it or make it shorter",
+            func.dfg.num_blocks(),
+            func.dfg.num_values()
+        ));
+    }
+    Ok(())
 }
 
 impl Translator<'_, '_> {
