@@ -737,6 +737,28 @@ fn offload_access_follows_handles_credentials_and_owner_policy() {
         String::from_utf8_lossy(&off.stderr)
     );
     assert_eq!(kv::counter(&fs::read(t.path("shared.kv")).unwrap()), 1);
+    // The policy is one of its words: anything else would mean different things to the
+    // daemon and to whoever reads it.
+    assert!(!set(1000, "OFF").status.success());
+    assert_ok(&set(1000, "rw"));
+    assert_ok(&run(2000, shared, ""));
+    // The views of a file are read as its stored attributes are: with read permission.
+    let stats = |uid: u32, file: &str| {
+        sh_as(
+            uid,
+            uid,
+            &[],
+            &format!("getfattr --only-values -n user.nearfs.stats {file}"),
+        )
+    };
+    assert_ok(&stats(1000, private));
+    let denied = stats(2000, private);
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stats(2000, shared).stdout).contains("runs="));
     // Programs belong to whoever loaded them.
     let out = sh_as(
         2000,
@@ -889,6 +911,21 @@ NEARFS_PROG("write_then_fail") long write_then_fail(struct nearfs_ctx *ctx)
         raw(nearfs_client::abi::iowr(6, 64), &mut small),
         Some(libc::ENOTTY)
     );
+    // Fields only the daemon fills come back as it set them, not as the caller left them
+    // (a reused struct's `more` would fetch an earlier run's output).
+    {
+        use nearfs_client::abi::{Fields, FieldsMut, cmd, off::run};
+        let mut req = nearfs_client::abi::request(cmd::RUN_SIZE, 0);
+        req.put_u64(run::PROG_ID, incr.0);
+        req.put_u32(run::RUN_ERROR, 7);
+        req.put_u64(run::MORE, 0xdead_beef);
+        req.put_u64(run::OUTPUT_BYTES, 1 << 40);
+        assert_eq!(raw(cmd::RUN, &mut req), None);
+        assert_eq!(req.i32_at(run::STATUS), 0);
+        assert_eq!(req.u32_at(run::RUN_ERROR), 0);
+        assert_eq!(req.u64_at(run::MORE), 0);
+        assert_eq!(req.u64_at(run::OUTPUT_BYTES), 0);
+    }
     assert_eq!(
         nearfs_client::version(&rw).unwrap(),
         nearfs_client::abi::ABI_VERSION
@@ -1255,7 +1292,65 @@ NEARFS_PROG("big_table") long big_table(struct nearfs_ctx *ctx)
         other => panic!("{other:?}"),
     }
     nearfs_client::unload(&root, first).unwrap();
-    nearfs_client::load(&root, &big, None).unwrap();
+    let again = nearfs_client::load(&root, &big, None).unwrap();
+    nearfs_client::unload(&root, again).unwrap();
+
+    // Output past the first reply is held, charged to the user: a reading run whose output
+    // no longer fits what the user may hold fails, and holds nothing.
+    let src = t.dir.path().join("emit_12k.c");
+    fs::write(
+        &src,
+        r#"#include "nearfs.h"
+NEARFS_PROG("emit_12k") long emit_12k(struct nearfs_ctx *ctx)
+{
+    void *s = (void *)(long)ctx->scratch;
+    nearfs_emit(s, 4096);
+    nearfs_emit(s, 4096);
+    nearfs_emit(s, 4096);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    fs::write(t.path("f"), b"x").unwrap();
+    let f = File::open(t.path("f")).unwrap();
+    let emit = nearfs_client::load(
+        &f,
+        &fs::read(compile_bpf(&src, t.dir.path())).unwrap(),
+        None,
+    )
+    .unwrap();
+    let held = |f: &File| {
+        use nearfs_client::abi::{Fields, FieldsMut, cmd, off::run};
+        let mut req = nearfs_client::abi::request(cmd::RUN_SIZE, 0);
+        req.put_u64(run::PROG_ID, emit.0);
+        // SAFETY: `req` holds the command's size in bytes.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), cmd::RUN as libc::c_ulong, req.as_mut_ptr()) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        (
+            req.i32_at(run::STATUS),
+            req.u32_at(run::RUN_ERROR),
+            req.u64_at(run::MORE),
+        )
+    };
+    let mut tokens = 0;
+    loop {
+        match held(&f) {
+            (0, _, more) => {
+                assert_ne!(more, 0, "12 KiB do not fit one reply");
+                tokens += 1;
+            }
+            (status, kind, more) => {
+                assert_eq!(status, -libc::E2BIG);
+                assert_eq!(kind, nearfs_client::abi::run_error::OUTPUT_BYTES);
+                assert_eq!(more, 0);
+                break;
+            }
+        }
+        assert!(tokens <= 64, "held outputs have no limit");
+    }
+    // 16 things held at most: the outputs, beside the loaded program.
+    assert!((1..=16).contains(&tokens), "{tokens}");
 }
 
 /// `nearfs prog run`: a program over an ordinary file, no mount, on either engine.

@@ -28,6 +28,15 @@ pub const NAME_SIZE: usize = 64;
 /// `range_len` meaning "to the end of the file".
 pub const RANGE_TO_END: u64 = u64::MAX;
 
+/// Where a `RUN`'s range `off`, `len` ends in a file of `size` bytes; `None` if it wraps.
+pub fn range_end(off: u64, len: u64, size: u64) -> Option<u64> {
+    if len == RANGE_TO_END {
+        Some(size.max(off))
+    } else {
+        off.checked_add(len)
+    }
+}
+
 /// `flags` of `LOAD`: this chunk is the last; verify and register the program.
 pub const LOAD_LAST: u32 = 1;
 /// `flags` of `RUN`: the program may write the file (needs a writable handle).

@@ -23,7 +23,7 @@ use fuser::{
 
 use crate::errno::errno;
 use crate::inspect;
-use crate::offload::{Caller, Offload};
+use crate::offload::{Caller, Offload, POLICY_XATTR, Policy};
 
 /// How long the kernel may cache attributes and entries. Every change goes through this
 /// daemon, so the kernel's copies go stale only through another mount, which is refused.
@@ -248,6 +248,7 @@ impl Filesystem for NearFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.fs.forget(Ino(ino.0), nlookup);
+        self.offload.forget(Ino(ino.0));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -631,6 +632,16 @@ impl Filesystem for NearFs {
         if position != 0 {
             return reply.error(Errno::EINVAL);
         }
+        // The owner's offload policy is one of its words, or it would not mean one thing
+        // to everyone who reads it.
+        if name.as_bytes() == POLICY_XATTR
+            && std::str::from_utf8(value)
+                .ok()
+                .and_then(Policy::parse)
+                .is_none()
+        {
+            return reply.error(Errno::EINVAL);
+        }
         let r = self.fs.setxattr(
             &creds(req),
             Ino(ino.0),
@@ -645,7 +656,14 @@ impl Filesystem for NearFs {
         let ino = Ino(ino.0);
         let value = match self.kind_of(ino) {
             Err(e) => Err(e),
-            Ok(kind) => match inspect::view(&self.fs, &self.offload, ino, kind, name.as_bytes()) {
+            Ok(kind) => match inspect::view(
+                &self.fs,
+                &self.offload,
+                &creds(req),
+                ino,
+                kind,
+                name.as_bytes(),
+            ) {
                 Some(v) => v,
                 None => self.fs.getxattr(&creds(req), ino, name.as_bytes()),
             },

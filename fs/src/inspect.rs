@@ -14,9 +14,13 @@
 //!   `id name owner insns max_insns verify_states load_us compile_us bytes` (load_us: reading,
 //!   verifying and compiling; bytes: what the program holds, charged to its owner).
 //!
-//! `user.nearfs.offload` is not a view but a stored owner policy (`off` or `ro`).
+//! Reading a view needs read permission on its inode, as reading a stored `user.*`
+//! attribute does.
+//!
+//! `user.nearfs.offload` is not a view but a stored owner policy (`off`, `ro` or `rw`).
 
-use extents::{BLOCK_SIZE, FileKind, Fs, Ino};
+use extents::access::MAY_READ;
+use extents::{BLOCK_SIZE, Creds, FileKind, Fs, Ino};
 
 use crate::offload::Offload;
 
@@ -39,10 +43,11 @@ pub fn names_for(ino: Ino, kind: FileKind) -> Vec<&'static str> {
     v
 }
 
-/// The value of view `name` on `ino`, or None if no such view applies.
+/// The value of view `name` on `ino` for `creds`, or None if no such view applies.
 pub fn view(
     fs: &Fs,
     offload: &Offload,
+    creds: &Creds,
     ino: Ino,
     kind: FileKind,
     name: &[u8],
@@ -50,6 +55,9 @@ pub fn view(
     let applies = names_for(ino, kind).iter().any(|n| n.as_bytes() == name);
     if !applies {
         return None;
+    }
+    if let Err(e) = fs.access(creds, ino, MAY_READ) {
+        return Some(Err(e));
     }
     Some(match name {
         n if n == EXTENTS.as_bytes() => extents_view(fs, ino),

@@ -61,20 +61,8 @@ enum Command {
         file: PathBuf,
         /// A loaded program's id, or an object file to load for this run.
         program: String,
-        /// The program in an object with several.
-        #[arg(long)]
-        name: Option<String>,
-        /// The file bytes the program may use, OFF:LEN (LEN may be `end`).
-        #[arg(long, value_parser = prog::parse_range, default_value = "0:end")]
-        range: (u64, u64),
-        /// Argument words, concatenated: u64:N, u32:N, hex:HEX, str:TEXT, @FILE.
-        #[arg(long)]
-        arg: Vec<String>,
-        /// Let the program write the file (opens it read-write).
-        #[arg(long)]
-        write: bool,
-        #[arg(long, value_enum, default_value = "hex")]
-        out: prog::OutFormat,
+        #[command(flatten)]
+        opts: prog::RunOpts,
         /// Run it this many times (one load), printing the last run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
@@ -119,21 +107,10 @@ enum ProgCommand {
     Run {
         object: PathBuf,
         file: PathBuf,
-        #[arg(long)]
-        name: Option<String>,
-        /// The file bytes the program may use, OFF:LEN (LEN may be `end`).
-        #[arg(long, value_parser = prog::parse_range, default_value = "0:end")]
-        range: (u64, u64),
-        /// Argument words, concatenated: u64:N, u32:N, hex:HEX, str:TEXT, @FILE.
-        #[arg(long)]
-        arg: Vec<String>,
-        /// Let the program write FILE.
-        #[arg(long)]
-        write: bool,
+        #[command(flatten)]
+        opts: prog::RunOpts,
         #[arg(long, value_enum, default_value = "checked")]
         engine: prog::EngineArg,
-        #[arg(long, value_enum, default_value = "hex")]
-        out: prog::OutFormat,
     },
     /// List the programs loaded into the mount that holds PATH.
     List { path: PathBuf },
@@ -216,22 +193,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ProgCommand::Run {
                 object,
                 file,
-                name,
-                range,
-                arg,
-                write,
+                opts,
                 engine,
-                out,
-            } => prog::run_local(&prog::LocalRun {
-                object: &object,
-                name: name.as_deref(),
-                file: &file,
-                range,
-                arg: prog::parse_arg(&arg)?,
-                write,
-                engine,
-                out,
-            })?,
+            } => prog::run_local(&object, &file, &opts, engine)?,
             ProgCommand::List { path } => prog::list(&path)?,
             ProgCommand::Unload { path, id } => prog::unload(&path, id)?,
         },
@@ -239,22 +203,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             file,
             program,
-            name,
-            range,
-            arg,
-            write,
-            out,
+            opts,
             repeat,
-        } => prog::run(&prog::RunArgs {
-            file: &file,
-            program: &program,
-            name: name.as_deref(),
-            range,
-            arg: prog::parse_arg(&arg)?,
-            write,
-            out,
-            repeat,
-        })?,
+        } => prog::run(&file, &program, &opts, repeat)?,
     }
     Ok(ExitCode::SUCCESS)
 }

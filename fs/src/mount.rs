@@ -101,12 +101,7 @@ impl MountConfig {
                 }
                 ("log", Some(v)) if !v.is_empty() => self.log = Some(v.into()),
                 ("offload", Some(v)) => {
-                    self.offload.policy = match v {
-                        "off" => Policy::Off,
-                        "ro" => Policy::ReadOnly,
-                        "rw" => Policy::ReadWrite,
-                        _ => bail!("offload=off|ro|rw"),
-                    }
+                    self.offload.policy = Policy::parse(v).context("offload=off|ro|rw")?
                 }
                 ("offload_runs", Some(v)) => {
                     self.offload.runs_per_user = v
@@ -204,15 +199,10 @@ pub fn mount(cfg: &MountConfig) -> Result<()> {
 }
 
 fn options_string(cfg: &MountConfig) -> String {
-    let offload = match cfg.offload.policy {
-        Policy::Off => "off",
-        Policy::ReadOnly => "ro",
-        Policy::ReadWrite => "rw",
-    };
     let mut o = vec![
         format!("commit={}", cfg.commit_secs),
         format!("threads={}", cfg.threads),
-        format!("offload={offload}"),
+        format!("offload={}", cfg.offload.policy.as_str()),
         format!("offload_runs={}", cfg.offload.runs_per_user),
         format!("offload_programs={}", cfg.offload.programs_per_user),
         format!("offload_bytes={}", cfg.offload.bytes_per_user),

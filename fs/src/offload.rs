@@ -35,17 +35,20 @@ use std::time::{Duration, Instant};
 
 use appcode::{Extent, Limits, Mode, Program, ProgramError, Request, RunError, World};
 use dashmap::DashMap;
-use extents::{BLOCK_SIZE, Creds, FileKind, Fs, Ino, OpenMode};
+use extents::access::{MAY_READ, MAY_WRITE};
+use extents::{BLOCK_SIZE, Creds, FileKind, Fs, FsError, Ino, OpenMode};
 use fuser::{Errno, INodeNo, Notifier, ReplyIoctl};
 use nearfs_client::abi::{self, Fields, FieldsMut, cmd, off, run_error};
 
 use crate::errno::errno;
-use crate::workers::{self, Job, Kind, Turn, Workers};
+use crate::workers::{Job, Turn, Workers};
 
 /// The name of the owner's policy attribute.
 pub const POLICY_XATTR: &[u8] = b"user.nearfs.offload";
 /// Largest object one may load.
 const MAX_OBJECT: u64 = 16 << 20;
+// A program's name, NUL-terminated, fits the ABI's name field.
+const _: () = assert!(appcode::elf::MAX_NAME < abi::NAME_SIZE);
 /// Unfinished uploads, rejection logs and unread outputs kept per user.
 const MAX_PENDING_PER_USER: usize = 16;
 /// Threads that verify and compile programs.
@@ -57,6 +60,8 @@ const LOADS_WAITING: u32 = 4;
 const RUNS_WAITING: u32 = 64;
 /// How long an upload, a log or an unread output is kept.
 const PENDING_FOR: Duration = Duration::from_secs(60);
+/// How often what was kept too long is looked for.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Wall-clock limit of a writing run: it holds the filesystem's exclusive lock, so every
 /// other request waits for it. Reading runs get appcode's default (10 s).
 const WRITE_RUN_WALL: Duration = Duration::from_secs(1);
@@ -67,6 +72,23 @@ pub enum Policy {
     Off,
     ReadOnly,
     ReadWrite,
+}
+
+impl Policy {
+    /// Its name in `-o offload=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Off => "off",
+            Policy::ReadOnly => "ro",
+            Policy::ReadWrite => "rw",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Policy> {
+        [Policy::Off, Policy::ReadOnly, Policy::ReadWrite]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
 }
 
 /// The mount's offload settings (`-o offload=,offload_runs=,offload_programs=,
@@ -142,6 +164,8 @@ struct Held {
 struct Usage {
     programs: u32,
     bytes: u64,
+    /// Things held between ioctls (uploads, logs, outputs).
+    pending: usize,
 }
 
 /// What every user holds in the daemon, against the per-user limits.
@@ -171,6 +195,22 @@ impl Users {
 
     fn refund(&self, uid: u32, bytes: u64) {
         self.usage(uid, |u| u.bytes = u.bytes.saturating_sub(bytes));
+    }
+
+    /// Charges one more thing held between ioctls, of `bytes`: EAGAIN past the count a
+    /// user may hold, EDQUOT past its bytes; with `force`, charged past them.
+    fn hold(&self, uid: u32, bytes: u64, force: bool) -> Result<(), Errno> {
+        self.usage(uid, |u| {
+            if !force && u.pending >= MAX_PENDING_PER_USER {
+                return Err(Errno::EAGAIN);
+            }
+            if !force && u.bytes.saturating_add(bytes) > self.bytes {
+                return Err(Errno::EDQUOT);
+            }
+            u.pending += 1;
+            u.bytes = u.bytes.saturating_add(bytes);
+            Ok(())
+        })
     }
 
     /// Charges one more program of `bytes` to `uid`, or says what the user holds.
@@ -236,6 +276,8 @@ pub struct Offload {
     next_id: AtomicU64,
     users: Arc<Users>,
     stats: DashMap<u64, FileStats>,
+    /// When `expire` last looked.
+    expired: Mutex<Instant>,
     invalidator: OnceLock<Mutex<Sender<Invalidate>>>,
     /// Runs the FUSE workers hand over.
     runners: Workers,
@@ -246,22 +288,22 @@ pub struct Offload {
 /// A reply to send once file ranges are dropped from the kernel's page cache.
 struct Invalidate {
     ino: Ino,
-    ranges: Vec<std::ops::Range<u64>>,
+    range: std::ops::Range<u64>,
     reply: ReplyIoctl,
     bytes: Vec<u8>,
 }
 
-/// The reply to an ioctl, and the file ranges to invalidate before sending it.
+/// The reply to an ioctl, and the file range to invalidate before sending it.
 pub struct Answer {
     pub bytes: Vec<u8>,
-    pub written: Vec<std::ops::Range<u64>>,
+    pub written: Option<std::ops::Range<u64>>,
 }
 
 impl Answer {
     fn plain(bytes: Vec<u8>) -> Answer {
         Answer {
             bytes,
-            written: Vec::new(),
+            written: None,
         }
     }
 }
@@ -294,25 +336,17 @@ impl Offload {
                 bytes: settings.bytes_per_user,
             }),
             stats: DashMap::new(),
+            expired: Mutex::new(Instant::now()),
             invalidator: OnceLock::new(),
             // Runs go on the FUSE worker that has them while all but one of the FUSE
             // workers are free of runs, else to the runners.
             runners: Workers::new(
                 settings.workers,
+                settings.runs_per_user,
+                RUNS_WAITING,
                 (settings.workers as u32).saturating_sub(1),
-                workers::Limits {
-                    loads: (0, 0),
-                    runs: (settings.runs_per_user, RUNS_WAITING),
-                },
             ),
-            loaders: Workers::new(
-                LOADERS,
-                0,
-                workers::Limits {
-                    loads: (LOADS_PER_USER, LOADS_WAITING),
-                    runs: (0, 0),
-                },
-            ),
+            loaders: Workers::new(LOADERS, LOADS_PER_USER, LOADS_WAITING, 0),
         }
     }
 
@@ -324,11 +358,10 @@ impl Offload {
             .name("nearfs-invalidate".into())
             .spawn(move || {
                 for job in rx {
-                    for r in &job.ranges {
-                        let (at, len) = (r.start as i64, (r.end - r.start) as i64);
-                        if let Err(e) = n.inval_inode(INodeNo(job.ino.0), at, len) {
-                            tracing::warn!(error = %e, "page cache invalidation failed");
-                        }
+                    let r = &job.range;
+                    let (at, len) = (r.start as i64, (r.end - r.start) as i64);
+                    if let Err(e) = n.inval_inode(INodeNo(job.ino.0), at, len) {
+                        tracing::warn!(error = %e, "page cache invalidation failed");
                     }
                     job.reply.ioctl(0, &job.bytes);
                 }
@@ -339,16 +372,12 @@ impl Offload {
 
     /// Sends an answer: at once, or after invalidating what the run wrote.
     fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
-        let Some(tx) = self
-            .invalidator
-            .get()
-            .filter(|_| !answer.written.is_empty())
-        else {
+        let (Some(tx), Some(range)) = (self.invalidator.get(), answer.written) else {
             return reply.ioctl(0, &answer.bytes);
         };
         let job = Invalidate {
             ino,
-            ranges: answer.written,
+            range,
             reply,
             bytes: answer.bytes,
         };
@@ -383,8 +412,8 @@ impl Offload {
             me.answer(ino, result, reply);
         });
         match kind {
-            Kind::Load => self.loaders.submit(uid, kind, job),
-            Kind::Run => self.runners.submit(uid, kind, job),
+            Kind::Load => self.loaders.submit(uid, job),
+            Kind::Run => self.runners.submit(uid, job),
         }
     }
 
@@ -418,20 +447,23 @@ impl Offload {
         input: &[u8],
         out_size: u32,
     ) -> Dispatch {
-        let size = match command {
-            cmd::VERSION => cmd::VERSION_SIZE,
-            cmd::LOAD => cmd::LOAD_SIZE,
-            cmd::LOG => cmd::LOG_SIZE,
-            cmd::UNLOAD => cmd::UNLOAD_SIZE,
-            cmd::LIST => cmd::LIST_SIZE,
-            cmd::RUN => cmd::RUN_SIZE,
-            cmd::MORE => cmd::MORE_SIZE,
+        // Each struct's size, and its fixed fields only the daemon fills: they start at
+        // zero, so that a reply never hands back what the caller left in them.
+        let (size, outputs) = match command {
+            cmd::VERSION => (cmd::VERSION_SIZE, 0..0),
+            cmd::LOAD => (cmd::LOAD_SIZE, off::load::STATUS..off::load::NAME),
+            cmd::LOG => (cmd::LOG_SIZE, off::log::LEN..off::log::TEXT),
+            cmd::UNLOAD => (cmd::UNLOAD_SIZE, 0..0),
+            cmd::LIST => (cmd::LIST_SIZE, off::list::NEXT..off::list::ENTRIES),
+            cmd::RUN => (cmd::RUN_SIZE, off::run::OUT_LEN..off::run::ARG),
+            cmd::MORE => (cmd::MORE_SIZE, off::more::LEN..off::more::OUT),
             _ => return Dispatch::Now(Err(Errno::ENOTTY)),
         };
         if input.len() != size || out_size as usize != size {
             return Dispatch::Now(Err(bad()));
         }
         let mut b = input.to_vec();
+        b[outputs].fill(0);
         if command == cmd::VERSION {
             b.put_u32(off::VERSION, abi::ABI_VERSION);
             return Dispatch::Now(Ok(Answer::plain(b)));
@@ -466,7 +498,17 @@ impl Offload {
         }
     }
 
+    /// Drops what users left longer than `PENDING_FOR`; looks at most once a second.
     fn expire(&self) {
+        {
+            let Ok(mut last) = self.expired.try_lock() else {
+                return;
+            };
+            if last.elapsed() < EXPIRE_EVERY {
+                return;
+            }
+            *last = Instant::now();
+        }
         let old: Vec<u64> = self
             .pending
             .iter()
@@ -479,32 +521,23 @@ impl Offload {
     }
 
     /// Drops what a user left under `token`, refunding its bytes.
-    fn release(&self, token: u64) -> Option<Held> {
+    fn release(&self, token: u64) {
+        if let Some(held) = self.take(token) {
+            self.users.refund(held.owner, held.what.size());
+        }
+    }
+
+    /// Takes what a user left under `token`; its bytes stay charged.
+    fn take(&self, token: u64) -> Option<Held> {
         let (_, held) = self.pending.remove(&token)?;
-        self.users.refund(held.owner, held.what.size());
+        self.users
+            .usage(held.owner, |u| u.pending = u.pending.saturating_sub(1));
         Some(held)
     }
 
-    /// Keeps `what` for `owner`; the token to fetch it by.
-    fn hold(&self, owner: u32, what: Pending) -> Result<u64, Errno> {
-        let mine = self.pending.iter().filter(|h| h.owner == owner).count();
-        if mine >= MAX_PENDING_PER_USER {
-            return Err(Errno::EAGAIN);
-        }
-        self.users.charge(owner, what.size())?;
-        Ok(self.keep(owner, what))
-    }
-
-    /// Keeps `what` for `owner` whatever the limits (it is charged, beyond them if need
-    /// be): for the output of a run that has happened, whose writes are applied. Its size
-    /// was capped before the run to what the user could still hold.
-    fn keep_output(&self, owner: u32, what: Pending) -> u64 {
-        self.users
-            .usage(owner, |u| u.bytes = u.bytes.saturating_add(what.size()));
-        self.keep(owner, what)
-    }
-
-    fn keep(&self, owner: u32, what: Pending) -> u64 {
+    /// Keeps `what` for `owner` (see [`Users::hold`]); the token to fetch it by.
+    fn hold(&self, owner: u32, what: Pending, force: bool) -> Result<u64, Errno> {
+        self.users.hold(owner, what.size(), force)?;
         let token = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.insert(
             token,
@@ -514,7 +547,7 @@ impl Offload {
                 what,
             },
         );
-        token
+        Ok(token)
     }
 
     /// A LOAD chunk; the last one is verified and compiled by a worker.
@@ -545,7 +578,7 @@ impl Offload {
                 if at != 0 {
                     return Err(bad());
                 }
-                session = self.hold(uid, Pending::Upload { bytes: Vec::new() })?;
+                session = self.hold(uid, Pending::Upload { bytes: Vec::new() }, false)?;
             }
             {
                 let mut held = self
@@ -586,7 +619,7 @@ impl Offload {
         }
         // The object stays charged to the user until the program is built, or the job is
         // refused.
-        let object = match self.pending.remove(&session).map(|(_, h)| h.what) {
+        let object = match self.take(session).map(|h| h.what) {
             Some(Pending::Upload { bytes }) => bytes,
             _ => return Dispatch::Now(Err(Errno::ENOENT)),
         };
@@ -624,7 +657,7 @@ impl Offload {
         drop(object);
         let refused = |me: &Self, b: &mut [u8], text: String, status: i32| {
             let log_len = text.len() as u32;
-            let token = me.hold(uid, Pending::Log { text })?;
+            let token = me.hold(uid, Pending::Log { text }, false)?;
             b.put_u64(off::load::SESSION, token);
             b.put_i32(off::load::STATUS, status);
             b.put_u32(off::load::LOG_LEN, log_len);
@@ -743,18 +776,26 @@ impl Offload {
         if write && self.settings.policy == Policy::ReadOnly {
             return Err(Errno::EROFS);
         }
-        let mask = 4 | if write { 2 } else { 0 };
+        let mask = MAY_READ | if write { MAY_WRITE } else { 0 };
         self.fs
             .access(&caller.creds, caller.ino, mask)
             .map_err(|e| errno(&e))?;
-        match self.fs.getxattr(&Creds::root(), caller.ino, POLICY_XATTR) {
-            Ok(v) if v == b"off" => Err(Errno::EPERM),
-            Ok(v) if v == b"ro" && write => Err(Errno::EPERM),
-            _ => Ok(()),
+        // The owner's policy; a value that is not one (set before values were checked)
+        // forbids, as does failing to read it.
+        let policy = match self.fs.getxattr(&Creds::root(), caller.ino, POLICY_XATTR) {
+            Ok(v) => std::str::from_utf8(&v).ok().and_then(Policy::parse),
+            Err(FsError::NoAttribute) => Some(Policy::ReadWrite),
+            Err(_) => None,
+        };
+        match policy {
+            Some(Policy::ReadWrite) => Ok(()),
+            Some(Policy::ReadOnly) if !write => Ok(()),
+            _ => Err(Errno::EPERM),
         }
     }
 
-    /// A RUN: checked here, run by a worker.
+    /// A RUN: checked here; run here if the runners give room ([`Workers::here`]), else
+    /// queued for one.
     fn run(self: &Arc<Self>, caller: Caller, b: Vec<u8>) -> Dispatch {
         let started = Instant::now();
         let checked = (|| {
@@ -763,7 +804,6 @@ impl Offload {
                 return Err(bad());
             }
             let write = flags & abi::RUN_WRITE != 0;
-            self.allowed(&caller, write)?;
             let loaded = self
                 .programs
                 .get(&b.u64_at(off::run::PROG_ID))
@@ -778,7 +818,7 @@ impl Offload {
             Ok(c) => c,
             Err(e) => return Dispatch::Now(Err(e)),
         };
-        if let Some(_here) = self.runners.here(caller.creds.uid, Kind::Run) {
+        if let Some(_here) = self.runners.here(caller.creds.uid) {
             let mut b = b;
             let answer = self
                 .execute(&caller, &loaded, write, started, &mut b)
@@ -796,7 +836,8 @@ impl Offload {
         })
     }
 
-    /// Runs a program (on a worker); returns the file ranges it wrote.
+    /// Runs a program (on this thread); returns the file range to drop from the page
+    /// cache: what it wrote, or may have.
     fn execute(
         &self,
         caller: &Caller,
@@ -804,7 +845,10 @@ impl Offload {
         write: bool,
         started: Instant,
         b: &mut [u8],
-    ) -> Result<Vec<std::ops::Range<u64>>, Errno> {
+    ) -> Result<Option<std::ops::Range<u64>>, Errno> {
+        // Checked when the run starts, not when it was asked for: a queued run may wait
+        // while the owner forbids offload or the mode changes.
+        self.allowed(caller, write)?;
         let arg_len = b.u32_at(off::run::ARG_LEN) as usize;
         let start = b.u64_at(off::run::RANGE_OFF);
         let len = b.u64_at(off::run::RANGE_LEN);
@@ -815,7 +859,8 @@ impl Offload {
             limits.wall = limits.wall.min(WRITE_RUN_WALL);
         }
         // Output that does not fit one reply is held until fetched: it must fit the user's
-        // bytes, so the run is not allowed to make more.
+        // bytes, so the run is not allowed to make more than is left now (see below for
+        // runs at once).
         let room = self
             .settings
             .bytes_per_user
@@ -825,12 +870,7 @@ impl Offload {
         let outcome = self
             .fs
             .in_place(caller.ino, write, |data| {
-                let end = if len == abi::RANGE_TO_END {
-                    Some(data.size.max(start))
-                } else {
-                    start.checked_add(len)
-                };
-                let Some(end) = end else {
+                let Some(end) = abi::range_end(start, len, data.size) else {
                     return (Err(Errno::EOVERFLOW), false);
                 };
                 let extents: Vec<Extent> = data
@@ -861,33 +901,47 @@ impl Offload {
             })
             .map_err(|e| errno(&e))??;
         let (outcome, range) = outcome;
+        // Output past the first reply is held until fetched, charged to the user now. Runs
+        // at once each saw the room left before any of them ended: a reading run whose
+        // output no longer fits fails (it changed nothing); a writing run's is kept past
+        // the limits, as its writes are applied. Writing runs hold the filesystem
+        // exclusively, so that passes them by one output at most.
+        let outcome = outcome.and_then(|mut out| {
+            let len = out.output.len();
+            let first = len.min(abi::OUT_CHUNK);
+            b[off::run::OUT..off::run::OUT + first].copy_from_slice(&out.output[..first]);
+            if len == first {
+                return Ok((out, len, 0));
+            }
+            let rest = Pending::Output {
+                bytes: std::mem::take(&mut out.output),
+                at: first,
+            };
+            match self.hold(uid, rest, write) {
+                Ok(token) => Ok((out, len, token)),
+                Err(_) => Err(RunError::OutputLimit {
+                    limit: self.settings.bytes_per_user,
+                }),
+            }
+        });
         let mut stats = self.stats.entry(caller.ino.0).or_default();
         stats.runs += 1;
         stats.run_ns += started.elapsed().as_nanos() as u64;
         match outcome {
-            Ok(out) => {
+            Ok((out, len, more)) => {
                 stats.hops += out.costs.hops;
                 stats.device_bytes += out.costs.device_bytes;
                 stats.insns += out.costs.insns;
-                stats.bytes_returned += out.output.len() as u64;
+                stats.bytes_returned += len as u64;
                 drop(stats);
                 put_costs(b, &out.costs);
                 b.put_u64(off::run::RESULT, out.result);
                 b.put_i32(off::run::STATUS, 0);
-                let first = out.output.len().min(abi::OUT_CHUNK);
-                b[off::run::OUT..off::run::OUT + first].copy_from_slice(&out.output[..first]);
-                b.put_u32(off::run::OUT_LEN, first as u32);
-                if out.output.len() > first {
-                    let token = self.keep_output(
-                        uid,
-                        Pending::Output {
-                            bytes: out.output,
-                            at: first,
-                        },
-                    );
-                    b.put_u64(off::run::MORE, token);
-                }
-                Ok(out.written)
+                b.put_u32(off::run::OUT_LEN, len.min(abi::OUT_CHUNK) as u32);
+                b.put_u64(off::run::MORE, more);
+                // One range for the page cache: a run may write thousands of stretches.
+                let (first, last) = (out.written.first(), out.written.last());
+                Ok(first.zip(last).map(|(f, l)| f.start..l.end))
             }
             Err(e) => {
                 stats.failures += 1;
@@ -902,10 +956,7 @@ impl Offload {
                 b.put_i32(off::run::STATUS, -errno);
                 b.put_u32(off::run::RUN_ERROR, kind);
                 // What a failed write may have reached is dropped from the page cache too.
-                Ok(match e {
-                    RunError::Io(_) if write => vec![range],
-                    _ => Vec::new(),
-                })
+                Ok(matches!(e, RunError::Io(_) if write).then_some(range))
             }
         }
     }
@@ -933,6 +984,13 @@ impl Offload {
         Ok(())
     }
 
+    /// The kernel forgot `ino`: if that was its end, its counters go too.
+    pub fn forget(&self, ino: Ino) {
+        if self.stats.contains_key(&ino.0) && self.fs.getattr(ino).is_err() {
+            self.stats.remove(&ino.0);
+        }
+    }
+
     /// `user.nearfs.stats` of a file.
     pub fn file_stats(&self, ino: Ino) -> String {
         let s = self.stats.get(&ino.0).map(|s| *s).unwrap_or_default();
@@ -945,14 +1003,9 @@ impl Offload {
     /// The offload part of `user.nearfs.fs`: the mount's settings and what is held.
     pub fn facts(&self) -> Vec<(&'static str, String)> {
         let s = &self.settings;
-        let policy = match s.policy {
-            Policy::Off => "off",
-            Policy::ReadOnly => "ro",
-            Policy::ReadWrite => "rw",
-        };
         let held = self.users.total();
         vec![
-            ("offload", policy.to_string()),
+            ("offload", s.policy.as_str().to_string()),
             ("offload_engine", "checked".to_string()),
             ("offload_runs", s.runs_per_user.to_string()),
             ("offload_programs", s.programs_per_user.to_string()),
@@ -1002,6 +1055,13 @@ struct Later {
     uid: u32,
     kind: Kind,
     work: Work,
+}
+
+/// Which workers a job waits for: loads and runs never wait for each other.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Load,
+    Run,
 }
 
 /// What to do with an ioctl: reply now, or on a worker.

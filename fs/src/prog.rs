@@ -202,37 +202,44 @@ pub enum OutFormat {
     U64,
 }
 
-/// What `nearfs run` is asked to do.
-pub struct RunArgs<'a> {
-    pub file: &'a Path,
-    /// A program id, or an object file to load for this run.
-    pub program: &'a str,
-    pub name: Option<&'a str>,
+/// What a run is given, by `nearfs run` in a mount and by `nearfs prog run` here.
+#[derive(clap::Args)]
+pub struct RunOpts {
+    /// The program in an object with several.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The file bytes the program may use, OFF:LEN (LEN may be `end`).
+    #[arg(long, value_parser = parse_range, default_value = "0:end")]
     pub range: (u64, u64),
-    pub arg: Vec<u8>,
+    /// Argument words, concatenated: u64:N, u32:N, hex:HEX, str:TEXT, @FILE.
+    #[arg(long)]
+    pub arg: Vec<String>,
+    /// Let the program write the file (opened read-write).
+    #[arg(long)]
     pub write: bool,
+    #[arg(long, value_enum, default_value = "hex")]
     pub out: OutFormat,
-    /// Runs the program this many times, printing the last run.
-    pub repeat: u32,
 }
 
-/// `nearfs run`: prints the output on stdout, the result and costs on stderr.
-pub fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
-    let f = open(a.file, a.write)?;
-    let (prog, loaded_here) = match a.program.parse::<u64>() {
+/// `nearfs run`: runs `program` (a loaded program's id, or an object file to load for this
+/// run) `repeat` times over `file` in its mount; prints the last run's output on stdout, its
+/// result and costs on stderr.
+pub fn run(file: &Path, program: &str, a: &RunOpts, repeat: u32) -> anyhow::Result<()> {
+    let arg = parse_arg(&a.arg)?;
+    let f = open(file, a.write)?;
+    let (prog, loaded_here) = match program.parse::<u64>() {
         Ok(id) => (nearfs_client::ProgId(id), false),
         Err(_) => {
-            let bytes =
-                std::fs::read(a.program).with_context(|| format!("reading {}", a.program))?;
-            (nearfs_client::load(&f, &bytes, a.name)?, true)
+            let bytes = std::fs::read(program).with_context(|| format!("reading {program}"))?;
+            (nearfs_client::load(&f, &bytes, a.name.as_deref())?, true)
         }
     };
     let req = nearfs_client::Run::new(prog)
         .range(a.range.0, a.range.1)
-        .arg(&a.arg)
+        .arg(&arg)
         .write(a.write);
     let mut result = nearfs_client::run(&f, &req);
-    for _ in 1..a.repeat {
+    for _ in 1..repeat {
         if result.is_err() {
             break;
         }
@@ -290,38 +297,25 @@ pub enum EngineArg {
     Interpreter,
 }
 
-/// What `nearfs prog run` is asked to do.
-pub struct LocalRun<'a> {
-    pub object: &'a Path,
-    pub name: Option<&'a str>,
-    pub file: &'a Path,
-    pub range: (u64, u64),
-    pub arg: Vec<u8>,
-    pub write: bool,
-    pub engine: EngineArg,
-    pub out: OutFormat,
-}
-
 /// `nearfs prog run`: verifies, compiles and runs a program in this process over an
 /// ordinary file, as the daemon would over a file of a mount, without one: for writing and
 /// debugging appcode. The file is one extent; with `write` the program's writes land in it.
-pub fn run_local(a: &LocalRun<'_>) -> anyhow::Result<()> {
-    let object =
-        std::fs::read(a.object).with_context(|| format!("reading {}", a.object.display()))?;
-    let mode = match a.engine {
+pub fn run_local(object: &Path, file: &Path, a: &RunOpts, engine: EngineArg) -> anyhow::Result<()> {
+    let bytes = std::fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+    let mode = match engine {
         EngineArg::Checked => appcode::Mode::Checked,
         EngineArg::Interpreter => appcode::Mode::Interpreter,
     };
-    let program = appcode::Program::from_elf(&object, a.name, mode)
-        .with_context(|| format!("loading {}", a.object.display()))?;
+    let program = appcode::Program::from_elf(&bytes, a.name.as_deref(), mode)
+        .with_context(|| format!("loading {}", object.display()))?;
     let device = blockdev::FileDevice::open(
-        a.file,
+        file,
         blockdev::OpenOptions {
             direct: false,
             read_only: !a.write,
         },
     )
-    .with_context(|| format!("opening {}", a.file.display()))?;
+    .with_context(|| format!("opening {}", file.display()))?;
     let size = blockdev::BlockDevice::len(&device);
     let extents = [appcode::Extent {
         file_off: 0,
@@ -330,11 +324,7 @@ pub fn run_local(a: &LocalRun<'_>) -> anyhow::Result<()> {
         unwritten: false,
     }];
     let (off, len) = a.range;
-    let end = if len == nearfs_client::abi::RANGE_TO_END {
-        size.max(off)
-    } else {
-        off.checked_add(len).context("--range wraps")?
-    };
+    let end = nearfs_client::abi::range_end(off, len, size).context("--range wraps")?;
     let world = appcode::World {
         device: &device,
         extents: &extents,
@@ -343,7 +333,7 @@ pub fn run_local(a: &LocalRun<'_>) -> anyhow::Result<()> {
         writable: a.write,
     };
     let req = appcode::Request {
-        arg: &a.arg,
+        arg: &parse_arg(&a.arg)?,
         limits: appcode::Limits::default(),
     };
     let out = program
