@@ -24,7 +24,7 @@ use appcode::insn::Insn;
 use appcode::program::ProgramError;
 use appcode::verify::Checks;
 use appcode::{Limits, Mode, Options, Program, Request};
-use common::{TestFile, compile_file};
+use common::{TestFile, compile_file, shapes};
 
 fn corpus() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile");
@@ -306,21 +306,7 @@ fn the_largest_program_the_verifier_accepts_compiles() {
     // Alternating loads, adds, forward branches and stores, up to the limit: the checked
     // engine's capacity is the verifier's.
     let n = appcode::verify::MAX_INSNS;
-    let mut p = vec![
-        Insn::new(0xb7, 0, 0, 0, 0),
-        Insn::new(0x79, 6, 1, 16, 0),
-        Insn::new(0xb7, 2, 0, 0, 0),
-    ];
-    while p.len() < n - 1 {
-        let k = p.len();
-        p.push(match k % 4 {
-            0 => Insn::new(0x79, 2, 6, ((k * 8) % 4088) as i16, 0),
-            1 => Insn::new(0x0f, 0, 2, 0, 0),
-            2 => Insn::new(0x25, 0, 0, 0, 1000),
-            _ => Insn::new(0x7b, 6, 0, ((k * 8) % 4088) as i16, 0),
-        });
-    }
-    p.push(Insn::new(0x95, 0, 0, 0, 0));
+    let mut p = shapes::checked_accesses(n);
     assert_eq!(p.len(), n);
     let prog = Program::from_insns("largest", &p, Mode::Checked).unwrap();
     let file = TestFile::new(&[0u8; 4096]);
@@ -332,10 +318,9 @@ fn the_largest_program_the_verifier_accepts_compiles() {
 
 #[test]
 fn programs_too_costly_to_compile_are_refused_before_compiling() {
-    // Each shape verifies in well under a second and compiled once in 4 to 45 s and up to
-    // 4 GB (register allocation grows with blocks times values).
+    // Each shape verifies in well under a second and compiled once in 2 to 34 s and up to
+    // 4.4 GB (register allocation grows with blocks times values).
     let n = appcode::verify::MAX_INSNS;
-    let exit = Insn::new(0x95, 0, 0, 0, 0);
     let refused = |name: &str, insns: &[Insn], why: &str| match Program::from_insns(
         name,
         insns,
@@ -345,47 +330,26 @@ fn programs_too_costly_to_compile_are_refused_before_compiling() {
         Err(e) => panic!("{name}: refused for another reason: {e}"),
         Ok(_) => panic!("{name}: compiled"),
     };
-    // Every slot a loop head: `jne r9, 0, -1` with r9 = 0, never taken.
-    let mut heads = vec![Insn::new(0xb7, 9, 0, 0, 0), Insn::new(0xb7, 0, 0, 0, 0)];
-    heads.resize(n - 1, Insn::new(0x55, 9, 0, -1, 0));
-    heads.push(exit);
-    refused("heads", &heads, "loop heads");
-    // Up to the bound they compile and run.
-    heads.truncate(2 + 4096);
-    heads.push(exit);
-    let p = Program::from_insns("4096 heads", &heads, Mode::Checked).unwrap();
-    let file = TestFile::new(&[0u8; 4096]);
-    assert_eq!(
-        p.run(file.world(false), &Request::default())
-            .unwrap()
-            .result,
-        0
+    refused("heads", &shapes::loop_heads(n, n), "loop heads");
+    refused(
+        "one head",
+        &shapes::jumps_into_one(n, 20_000),
+        "jumps enter one",
     );
-    // Every slot jumps back into one (never taken).
-    let mut one = vec![Insn::new(0xb7, 9, 0, 0, 0), Insn::new(0xb7, 0, 0, 0, 0)];
-    while one.len() < 20_000 {
-        let back = 1 - one.len() as i16;
-        one.push(Insn::new(0x55, 9, 0, back - 1, 0));
+    refused(
+        "resolved",
+        &shapes::resolved_loads(n),
+        "too costly to compile",
+    );
+    // Up to the bounds they compile and run.
+    let file = TestFile::new(&[0u8; 4096]);
+    for (name, insns) in [
+        ("4096 heads", shapes::loop_heads(10_000, 4096)),
+        ("4096 jumps in", shapes::jumps_into_one(10_000, 4095)),
+    ] {
+        let p = Program::from_insns(name, &insns, Mode::Checked).unwrap();
+        p.run(file.world(false), &Request::default()).unwrap();
     }
-    one.push(exit);
-    refused("one head", &one, "jumps enter one instruction");
-    // Loads through a pointer that is the stack or scratch, decided by the file: each is
-    // resolved by a call, with a block of its own.
-    let mut resolved = assemble(
-        "stdw [%r10-8], 0
-         ldxdw %r2, [%r1]
-         ldxb %r3, [%r2]
-         ldxdw %r6, [%r1+16]
-         jeq %r3, 0, l
-         mov %r6, %r10
-         add %r6, -8
-         l:
-         mov %r0, 0",
-    )
-    .unwrap();
-    resolved.resize(n - 1, Insn::new(0x71, 0, 6, 0, 0));
-    resolved.push(exit);
-    refused("resolved", &resolved, "too costly to compile");
 }
 
 #[test]

@@ -245,7 +245,7 @@ pub(super) fn translate(plan: &Plan<'_>, func: &mut Function) -> Result<(), Stri
     let work = func.dfg.num_blocks() as u64 * func.dfg.num_values() as u64;
     if work > MAX_WORK {
         return Err(format!(
-            "the program is too costly to compile: {} blocks × {} values once translated, \
+            "too costly to compile: {} blocks × {} values once translated, \
              above {MAX_WORK}; split it or make it shorter",
             func.dfg.num_blocks(),
             func.dfg.num_values()

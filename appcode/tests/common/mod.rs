@@ -1,6 +1,8 @@
 //! Helpers shared by the appcode test binaries.
 #![allow(dead_code)]
 
+pub mod shapes;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
