@@ -32,19 +32,25 @@ impl LatencyDevice {
     }
 
     fn wait(&self) {
-        let deadline = Instant::now() + self.delay;
-        if self.delay > SPIN_TAIL {
-            if !PRECISE.get() {
-                // SAFETY: PR_SET_TIMERSLACK changes a number of the calling thread; no memory
-                // is passed.
-                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-                PRECISE.set(true);
-            }
-            std::thread::sleep(self.delay - SPIN_TAIL);
+        pause(self.delay);
+    }
+}
+
+/// Waits `delay` precisely: sleeps most of it and spins the last [`SPIN_TAIL`]. Also used
+/// to emulate network round trips.
+pub fn pause(delay: Duration) {
+    let deadline = Instant::now() + delay;
+    if delay > SPIN_TAIL {
+        if !PRECISE.get() {
+            // SAFETY: PR_SET_TIMERSLACK changes a number of the calling thread; no memory
+            // is passed.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+            PRECISE.set(true);
         }
-        while Instant::now() < deadline {
-            std::hint::spin_loop();
-        }
+        std::thread::sleep(delay - SPIN_TAIL);
+    }
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
     }
 }
 

@@ -1,0 +1,552 @@
+//! The server and the client over loopback, in process: plain block service, appcode at
+//! the target, and every kind of malformed input the server must survive.
+
+#[path = "../../appcode/tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use appcode::{Extent, Limits, Mode, Program, Request, RunError, World};
+use blockdev::{BlockDevice, MemDevice};
+use nbd::wire::{self, Put, cmd, opt, rep};
+use nbd::{
+    Config, Export, NbdDevice, NbdUrl, NotAtTarget, Options, RemoteProgram, RemoteWorld, Server,
+    Stopper,
+};
+
+/// A server on a free loopback port, stopped when dropped.
+struct Target {
+    addr: SocketAddr,
+    stopper: Stopper,
+    device: Arc<MemDevice>,
+}
+
+impl Target {
+    fn start(size: u64, config: Config) -> Target {
+        let device = Arc::new(MemDevice::new(size));
+        Target::on(device, config, "0")
+    }
+
+    fn on(device: Arc<MemDevice>, config: Config, port: &str) -> Target {
+        let export = Export {
+            name: "disk".into(),
+            device: device.clone(),
+            read_only: false,
+        };
+        // The port of a server just stopped frees once its thread has left.
+        let mut tries = 0;
+        let server = loop {
+            match Server::bind(format!("127.0.0.1:{port}"), export.clone(), config.clone()) {
+                Ok(s) => break s,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("bind: {e}"),
+            }
+        };
+        let addr = server.local_addr().unwrap();
+        let stopper = server.stopper().unwrap();
+        std::thread::spawn(move || server.serve());
+        Target {
+            addr,
+            stopper,
+            device,
+        }
+    }
+
+    fn url(&self) -> NbdUrl {
+        NbdUrl::parse(&format!("nbd://127.0.0.1:{}/disk", self.addr.port()))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn client(&self, appcode: Option<u64>) -> NbdDevice {
+        NbdDevice::connect(
+            &self.url(),
+            Options {
+                appcode,
+                timeout: Duration::from_secs(5),
+                ..Options::default()
+            },
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stopper.stop();
+    }
+}
+
+#[test]
+fn urls_parse_as_qemu_writes_them() {
+    let u = NbdUrl::parse("nbd://host:1234/exp").unwrap().unwrap();
+    assert_eq!(
+        (u.host.as_str(), u.port, u.export.as_str()),
+        ("host", 1234, "exp")
+    );
+    let u = NbdUrl::parse("nbd://[::1]/").unwrap().unwrap();
+    assert_eq!(
+        (u.host.as_str(), u.port, u.export.as_str()),
+        ("::1", 10809, "")
+    );
+    assert_eq!(u.to_string(), "nbd://[::1]:10809/");
+    assert!(NbdUrl::parse("/dev/loop0").is_none());
+    assert!(NbdUrl::parse("nbd://h:port/x").unwrap().is_err());
+    assert!(NbdUrl::parse("nbd:///x").unwrap().is_err());
+}
+
+#[test]
+fn blocks_written_through_the_client_are_on_the_target() {
+    let t = Target::start(64 << 20, Config::default());
+    let dev = t.client(None);
+    assert_eq!(dev.len(), 64 << 20);
+    let data = common_pattern(3 << 20);
+    dev.write_at(&data, 12345).unwrap();
+    dev.flush().unwrap();
+    let mut back = vec![0; data.len()];
+    t.device.read_at(&mut back, 12345).unwrap();
+    assert_eq!(back, data);
+    let mut via = vec![0; data.len()];
+    dev.read_at(&mut via, 12345).unwrap();
+    assert_eq!(via, data);
+    dev.write_zeroes(12345 + 4096, 8192).unwrap();
+    dev.read_at(&mut via[..4096 * 4], 12345).unwrap();
+    assert!(via[4096..4096 * 3].iter().all(|&b| b == 0));
+    assert_eq!(&via[..4096], &data[..4096]);
+    // Past the end: refused by the client before anything is sent, and by the server.
+    assert!(dev.read_at(&mut [0; 10], (64 << 20) - 5).is_err());
+    let requests = dev
+        .counters()
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(requests >= 5, "{requests} requests counted");
+}
+
+#[test]
+fn many_threads_share_the_connections() {
+    let t = Target::start(16 << 20, Config::default());
+    let dev = Arc::new(t.client(None));
+    std::thread::scope(|s| {
+        for i in 0..8u64 {
+            let dev = dev.clone();
+            s.spawn(move || {
+                let block = vec![i as u8 + 1; 4096];
+                for j in 0..50u64 {
+                    let at = (i * 50 + j) * 4096;
+                    dev.write_at(&block, at).unwrap();
+                    let mut back = vec![0; 4096];
+                    dev.read_at(&mut back, at).unwrap();
+                    assert_eq!(back, block);
+                }
+            });
+        }
+    });
+    let connects = dev
+        .counters()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=4).contains(&connects), "{connects} connections");
+}
+
+fn common_pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+}
+
+/// kv_increment's records: 64 bytes, a 56-byte key and a counter.
+fn kv_file(records: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    for i in 0..records {
+        let mut key = [0u8; 56];
+        key[..8].copy_from_slice(&i.to_le_bytes());
+        f.extend_from_slice(&key);
+        f.extend_from_slice(&(i * 10).to_le_bytes());
+    }
+    f
+}
+
+fn kv_arg(slot: u64) -> Vec<u8> {
+    let mut a = slot.to_le_bytes().to_vec();
+    let mut key = [0u8; 56];
+    key[..8].copy_from_slice(&slot.to_le_bytes());
+    a.extend_from_slice(&key);
+    a
+}
+
+#[test]
+fn a_run_at_the_target_gives_what_a_run_in_the_daemon_gives() {
+    let t = Target::start(8 << 20, Config::default());
+    let dev = t.client(Some(1));
+    assert!(dev.offers_appcode());
+    let file = kv_file(128);
+    // The file sits in two extents, the second before the first on the device.
+    dev.write_at(&file[..4096], 1 << 20).unwrap();
+    dev.write_at(&file[4096..], 64 << 10).unwrap();
+    let extents = [
+        Extent {
+            file_off: 0,
+            dev_off: 1 << 20,
+            len: 4096,
+            unwritten: false,
+        },
+        Extent {
+            file_off: 4096,
+            dev_off: 64 << 10,
+            len: 4096,
+            unwritten: false,
+        },
+    ];
+    let object = common::compile_file(&common::progs_dir().join("kv_increment.c"), "v3");
+    let local = Program::from_elf(&object, None, Mode::Checked).unwrap();
+    let remote = RemoteProgram::new("", object);
+    let size = file.len() as u64;
+    for slot in [3u64, 100, 100] {
+        let arg = kv_arg(slot);
+        let req = Request {
+            arg: &arg,
+            limits: Limits::default(),
+        };
+        let world = RemoteWorld {
+            extents: &extents,
+            file_size: size,
+            range: 0..size,
+            writable: true,
+        };
+        let at_target = dev.run(&remote, world, &req).unwrap().unwrap();
+        // What the target wrote is on its device; the daemon's run over the same device
+        // (through the client) sees it and takes the counter one further.
+        let here = local
+            .run(
+                World {
+                    device: &dev,
+                    extents: &extents,
+                    file_size: size,
+                    range: 0..size,
+                    writable: true,
+                },
+                &req,
+            )
+            .unwrap();
+        assert_eq!(here.result, at_target.result + 1, "slot {slot}");
+        assert_eq!(here.costs.hops, at_target.costs.hops);
+        assert_eq!(at_target.written.len(), 1);
+    }
+    let mut counter = [0u8; 8];
+    // Slot 100 is in the second extent: 100 * 64 - 4096 = 2304 bytes into it.
+    t.device
+        .read_at(&mut counter, (64 << 10) + 2304 + 56)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(counter), 1000 + 4);
+}
+
+#[test]
+fn a_run_cannot_reach_past_the_export_or_write_through_a_read_run() {
+    let t = Target::start(1 << 20, Config::default());
+    let dev = t.client(Some(1));
+    let object = common::compile_file(&common::progs_dir().join("kv_increment.c"), "v3");
+    let remote = RemoteProgram::new("kv_increment", object);
+    let arg = kv_arg(0);
+    let req = Request {
+        arg: &arg,
+        limits: Limits::default(),
+    };
+    let outside = [Extent {
+        file_off: 0,
+        dev_off: (1 << 20) - 4096,
+        len: 8192,
+        unwritten: false,
+    }];
+    let world = RemoteWorld {
+        extents: &outside,
+        file_size: 8192,
+        range: 0..8192,
+        writable: true,
+    };
+    let r = dev.run(&remote, world, &req).unwrap();
+    assert!(
+        matches!(r, Err(RunError::Io(ref m)) if m.contains("outside the export")),
+        "{r:?}"
+    );
+    // A reading run's write is refused by the runtime at the target.
+    let inside = [Extent {
+        file_off: 0,
+        dev_off: 0,
+        len: 4096,
+        unwritten: false,
+    }];
+    t.device.write_at(&kv_file(64), 0).unwrap();
+    let world = RemoteWorld {
+        extents: &inside,
+        file_size: 4096,
+        range: 0..4096,
+        writable: false,
+    };
+    let r = dev.run(&remote, world, &req).unwrap().unwrap();
+    assert!(
+        (r.result as i64) < 0,
+        "a write in a reading run returned {}",
+        r.result as i64
+    );
+    let mut counter = [0u8; 8];
+    t.device.read_at(&mut counter, 56).unwrap();
+    assert_eq!(u64::from_le_bytes(counter), 0);
+}
+
+#[test]
+fn the_target_verifies_programs_itself() {
+    let t = Target::start(1 << 20, Config::default());
+    let dev = t.client(Some(1));
+    let remote = RemoteProgram::new("", b"\x7fELF but not really".to_vec());
+    let world = RemoteWorld {
+        extents: &[],
+        file_size: 0,
+        range: 0..0,
+        writable: false,
+    };
+    let req = Request::default();
+    assert!(matches!(
+        dev.run(&remote, world, &req),
+        Err(NotAtTarget::Refused(_))
+    ));
+    // The connection is still good.
+    dev.read_at(&mut [0; 512], 0).unwrap();
+}
+
+#[test]
+fn one_mount_owns_an_export_at_a_time() {
+    let t = Target::start(1 << 20, Config::default());
+    let first = t.client(Some(11));
+    let err = NbdDevice::connect(
+        &t.url(),
+        Options {
+            appcode: Some(22),
+            ..Options::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    // Plain NBD clients are not mounts; once the owner leaves, another may claim it.
+    t.client(None);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    t.client(Some(22));
+}
+
+#[test]
+fn a_target_that_goes_away_fails_io_and_the_client_reconnects_when_it_is_back() {
+    let device = Arc::new(MemDevice::new(1 << 20));
+    let t = Target::on(device.clone(), Config::default(), "0");
+    let port = t.addr.port();
+    let dev = t.client(None);
+    dev.write_at(b"before", 0).unwrap();
+    drop(t);
+    let mut b = [0; 6];
+    assert!(dev.read_at(&mut b, 0).is_err());
+    let _t = Target::on(device, Config::default(), &port.to_string());
+    dev.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"before");
+}
+
+/// A raw connection that has done the handshake into transmission with structured
+/// replies.
+fn raw_transmission(addr: SocketAddr) -> TcpStream {
+    let mut s = raw_handshake(addr);
+    wire::write_option(&mut s, opt::STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    let mut go = Vec::new();
+    go.put_u32(0);
+    go.put_u16(0);
+    wire::write_option(&mut s, opt::GO, &go).unwrap();
+    loop {
+        if option_reply(&mut s).0 == rep::ACK {
+            return s;
+        }
+    }
+}
+
+fn raw_handshake(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut hello = [0; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+fn option_reply(s: &mut TcpStream) -> (u32, Vec<u8>) {
+    let mut h = [0; 20];
+    s.read_exact(&mut h).unwrap();
+    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut data = vec![0; len as usize];
+    s.read_exact(&mut data).unwrap();
+    (kind, data)
+}
+
+/// Whether the server closed the connection (reads end) rather than answering.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn unknown_options_get_err_unsup_and_malformed_ones_err_invalid() {
+    let t = Target::start(1 << 20, Config::default());
+    let mut s = raw_handshake(t.addr);
+    wire::write_option(&mut s, 0x7777, b"whatever").unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ERR_UNSUP);
+    wire::write_option(&mut s, opt::GO, &[0, 0, 0, 9, 1]).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ERR_INVALID);
+    let mut go = Vec::new();
+    go.put_u32(4);
+    go.extend_from_slice(b"nope");
+    go.put_u16(0);
+    wire::write_option(&mut s, opt::GO, &go).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ERR_UNKNOWN);
+    // The extension needs structured replies first.
+    let mut ext = Vec::new();
+    ext.put_u32(1);
+    ext.put_u64(5);
+    wire::write_option(&mut s, opt::NEARFS_APPCODE, &ext).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ERR_INVALID);
+    wire::write_option(&mut s, opt::LIST, &[]).unwrap();
+    let (kind, data) = option_reply(&mut s);
+    assert_eq!((kind, &data[4..]), (rep::SERVER, &b"disk"[..]));
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    wire::write_option(&mut s, opt::ABORT, &[]).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    assert!(closed(&mut s));
+}
+
+#[test]
+fn a_huge_option_closes_the_connection_and_others_go_on() {
+    let t = Target::start(1 << 20, Config::default());
+    let dev = t.client(None);
+    let mut s = raw_handshake(t.addr);
+    let mut b = Vec::new();
+    b.put_u64(wire::IHAVEOPT);
+    b.put_u32(opt::GO);
+    b.put_u32(u32::MAX);
+    s.write_all(&b).unwrap();
+    assert!(closed(&mut s));
+    dev.write_at(b"still here", 0).unwrap();
+}
+
+#[test]
+fn malformed_requests_get_errors_or_a_closed_connection_and_nothing_else_is_hurt() {
+    let t = Target::start(1 << 20, Config::default());
+    let dev = t.client(None);
+    dev.write_at(b"precious", 0).unwrap();
+    let request = |kind: u16, flags: u16, offset: u64, length: u32| {
+        wire::Request {
+            flags,
+            kind,
+            cookie: 99,
+            offset,
+            length,
+        }
+        .encode()
+    };
+    // Errors that leave the connection usable: a read past the end, a huge read, unknown
+    // flags, an unknown command, extension commands never negotiated.
+    let mut s = raw_transmission(t.addr);
+    for (kind, flags, offset, length, want) in [
+        (cmd::READ, 0, 1 << 20, 1, wire::errno::EINVAL),
+        (cmd::READ, 0, 0, u32::MAX, wire::errno::EOVERFLOW),
+        (cmd::READ, 1 << 9, 0, 512, wire::errno::EINVAL),
+        (77, 0, 0, 0, wire::errno::EINVAL),
+        (cmd::NEARFS_UNLOAD, 0, 1, 0, wire::errno::EINVAL),
+        (
+            cmd::WRITE_ZEROES,
+            0,
+            u64::MAX - 1,
+            4096,
+            wire::errno::ENOSPC,
+        ),
+    ] {
+        s.write_all(&request(kind, flags, offset, length)).unwrap();
+        let mut h = [0; 20];
+        s.read_exact(&mut h).unwrap();
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut body = vec![0; len as usize];
+        s.read_exact(&mut body).unwrap();
+        assert_eq!(u16::from_be_bytes([h[6], h[7]]), wire::chunk::ERROR);
+        assert_eq!(
+            u32::from_be_bytes(body[..4].try_into().unwrap()),
+            want,
+            "command {kind}"
+        );
+    }
+    // A write whose payload is more than the protocol allows: an error, then closed.
+    s.write_all(&request(cmd::WRITE, 0, 0, u32::MAX)).unwrap();
+    assert!(closed(&mut s));
+    // A bad magic, and garbage mid-stream: closed.
+    for junk in [&b"GARBAGE GARBAGE GARBAGE GARBAGE!"[..], &[0xff; 28][..]] {
+        let mut s = raw_transmission(t.addr);
+        s.write_all(junk).unwrap();
+        assert!(closed(&mut s));
+    }
+    // A client that stalls half-way through a write holds only its own connection.
+    let mut stalled = raw_transmission(t.addr);
+    stalled.write_all(&request(cmd::WRITE, 0, 0, 4096)).unwrap();
+    stalled.write_all(&[0xaa; 100]).unwrap();
+    let mut b = [0; 8];
+    dev.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"precious");
+    drop(stalled);
+    // A client that stalls in the handshake is dropped when its time is up.
+    let quick = Target::start(
+        1 << 20,
+        Config {
+            handshake_timeout: Duration::from_millis(200),
+            ..Config::default()
+        },
+    );
+    let mut s = TcpStream::connect(quick.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed(&mut s));
+}
+
+#[test]
+fn random_bytes_never_take_the_server_down() {
+    let t = Target::start(1 << 20, Config::default());
+    let dev = t.client(None);
+    dev.write_at(b"precious", 0).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..200 {
+        let mut s = if round % 2 == 0 {
+            raw_handshake(t.addr)
+        } else {
+            raw_transmission(t.addr)
+        };
+        let len = 1 + (seed % 300) as usize;
+        let junk: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = closed(&mut s);
+    }
+    let mut b = [0; 8];
+    dev.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"precious");
+}
