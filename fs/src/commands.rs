@@ -46,7 +46,12 @@ fn progress(done: u64, total: u64) {
 
 /// Formats an image file (created sparse when missing) or a block device.
 pub fn mkfs(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
-    if !path.exists() {
+    let remote = crate::mount::nbd_url(path).is_some();
+    if remote && size.is_some() {
+        bail!("--size applies to image files; an NBD export has the size its server gives it");
+    }
+    if remote {
+    } else if !path.exists() {
         let size =
             size.context("the image does not exist; give its size with --size (e.g. --size 4G)")?;
         FileDevice::create_image(path, size)

@@ -1,5 +1,5 @@
 //! The nearfs daemon and command-line tool: FUSE adapter, mounting, and the
-//! mkfs/fsck/info commands. `main.rs` only parses arguments and calls in here.
+//! mkfs/fsck/info commands, and the NBD storage target (`nearfs serve`). `main.rs` only parses arguments and calls in here.
 
 pub mod commands;
 pub mod daemon;
@@ -9,4 +9,5 @@ pub mod inspect;
 pub mod mount;
 pub mod offload;
 pub mod prog;
+pub mod serve;
 pub mod workers;

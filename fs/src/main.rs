@@ -38,7 +38,9 @@ enum Command {
         image: PathBuf,
         mountpoint: PathBuf,
         /// Comma-separated options: allow_other, default_permissions, ro, rw, direct,
-        /// commit=SECS, threads=N, log=FILE, nodev, nosuid, noexec, noatime.
+        /// commit=SECS, threads=N, log=FILE, nodev, nosuid, noexec, noatime; over NBD
+        /// (IMAGE is nbd://HOST[:PORT]/EXPORT): nbd_delay=USEC, nbd_connections=N,
+        /// nbd_timeout=SECS.
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Stay in the foreground until unmounted.
@@ -66,6 +68,27 @@ enum Command {
         /// Run it this many times (one load), printing the last run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
+    },
+    /// Serve an image or block device over NBD as a storage target: plain block service
+    /// for any NBD client, and appcode run next to the device for nearfs mounts
+    /// (`nearfs mount nbd://HOST[:PORT]/EXPORT DIR`). Runs in the foreground.
+    Serve {
+        image: PathBuf,
+        /// Address and port to listen on.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// The export's name (the empty name, the default export, always means it too).
+        #[arg(long, default_value = "")]
+        export: String,
+        /// Refuse writes, and runs that write.
+        #[arg(long)]
+        read_only: bool,
+        /// Threads serving each connection (requests of one connection handled at once).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        threads: u32,
+        /// Serve blocks only: do not offer the appcode extension.
+        #[arg(long)]
+        no_appcode: bool,
     },
     /// Offload end to end on a mounted nearfs directory: lookups and a filter, run next
     /// to the data and with ordinary reads, with what each cost.
@@ -176,6 +199,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             mount(&cfg)?;
         }
+        Command::Serve {
+            image,
+            listen,
+            export,
+            read_only,
+            threads,
+            no_appcode,
+        } => nearfs::serve::serve(
+            &image,
+            &nearfs::serve::ServeConfig {
+                listen,
+                export,
+                read_only,
+                threads: threads as usize,
+                appcode: !no_appcode,
+            },
+        )?,
         Command::Fsck { image, repair } => {
             return Ok(ExitCode::from(commands::fsck(&image, repair) as u8));
         }

@@ -49,6 +49,12 @@ pub struct MountConfig {
     /// Added to every device read and write (`latency=USEC`), to emulate slower media in
     /// benchmarks.
     pub latency: Duration,
+    /// On a mount over NBD: added to every round trip (`nbd_delay=USEC`), as a network
+    /// farther away would; connections at most (`nbd_connections=N`); how long a request
+    /// may take before it fails with EIO (`nbd_timeout=SECS`).
+    pub nbd_delay: Duration,
+    pub nbd_connections: usize,
+    pub nbd_timeout: Duration,
 }
 
 impl MountConfig {
@@ -68,6 +74,9 @@ impl MountConfig {
             verbose: 0,
             offload: Settings::default(),
             latency: Duration::ZERO,
+            nbd_delay: Duration::ZERO,
+            nbd_connections: nbd::Options::default().connections,
+            nbd_timeout: nbd::Options::default().timeout,
         }
     }
 
@@ -131,6 +140,29 @@ impl MountConfig {
                         .map(Duration::from_micros)
                         .context("latency=MICROSECONDS (0..1000000)")?
                 }
+                ("nbd_delay", Some(v)) => {
+                    self.nbd_delay = v
+                        .parse()
+                        .ok()
+                        .filter(|&us| us <= 1_000_000)
+                        .map(Duration::from_micros)
+                        .context("nbd_delay=MICROSECONDS (0..1000000)")?
+                }
+                ("nbd_connections", Some(v)) => {
+                    self.nbd_connections = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| (1..=64).contains(&n))
+                        .context("nbd_connections=1..64")?
+                }
+                ("nbd_timeout", Some(v)) => {
+                    self.nbd_timeout = v
+                        .parse()
+                        .ok()
+                        .filter(|&s| (1..=3600).contains(&s))
+                        .map(Duration::from_secs)
+                        .context("nbd_timeout=SECONDS (1..3600)")?
+                }
                 ("nodev", None) => self.passthrough.push(MountOption::NoDev),
                 ("dev", None) => self.passthrough.push(MountOption::Dev),
                 ("nosuid", None) => self.passthrough.push(MountOption::NoSuid),
@@ -153,8 +185,27 @@ impl MountConfig {
     }
 }
 
-/// Opens an image or block device for nearfs, locked against other nearfs processes.
+/// The NBD URL a device argument names, if it is one (`nbd://HOST[:PORT]/EXPORT`).
+pub fn nbd_url(path: &Path) -> Option<Result<nbd::NbdUrl>> {
+    let url = nbd::NbdUrl::parse(path.to_str()?)?;
+    Some(url.map_err(|e| anyhow::anyhow!(e)))
+}
+
+/// Connects to an NBD export; with `owner`, asks for the appcode extension and claims the
+/// export for that mount.
+pub fn connect_nbd(url: &nbd::NbdUrl, options: nbd::Options) -> Result<Arc<nbd::NbdDevice>> {
+    Ok(Arc::new(
+        nbd::NbdDevice::connect(url, options)
+            .with_context(|| format!("cannot connect to {url}"))?,
+    ))
+}
+
+/// Opens an image, a block device or an NBD export for nearfs; images and devices are
+/// locked against other nearfs processes.
 pub fn open_device(path: &Path, read_only: bool, direct: bool) -> Result<Arc<dyn BlockDevice>> {
+    if let Some(url) = nbd_url(path) {
+        return Ok(connect_nbd(&url?, nbd::Options::default())?);
+    }
     let dev = FileDevice::open(path, OpenOptions { direct, read_only })
         .with_context(|| format!("cannot open {}", path.display()))?;
     dev.lock_exclusive(LOCK_WAIT)?;
@@ -166,7 +217,11 @@ pub fn open_device(path: &Path, read_only: bool, direct: bool) -> Result<Arc<dyn
 pub fn mount(cfg: &MountConfig) -> Result<()> {
     // Absolute paths: /proc/mounts shows them, and the daemon finds its mount by them.
     let mut cfg = cfg.clone();
-    for p in [&mut cfg.image, &mut cfg.mountpoint] {
+    let mut paths = vec![&mut cfg.mountpoint];
+    if nbd_url(&cfg.image).is_none() {
+        paths.push(&mut cfg.image);
+    }
+    for p in paths {
         *p = std::fs::canonicalize(&*p).with_context(|| format!("cannot find {}", p.display()))?;
     }
     let cfg = &cfg;
@@ -207,6 +262,9 @@ fn options_string(cfg: &MountConfig) -> String {
         format!("offload_programs={}", cfg.offload.programs_per_user),
         format!("offload_bytes={}", cfg.offload.bytes_per_user),
         format!("latency={}", cfg.latency.as_micros()),
+        format!("nbd_delay={}", cfg.nbd_delay.as_micros()),
+        format!("nbd_connections={}", cfg.nbd_connections),
+        format!("nbd_timeout={}", cfg.nbd_timeout.as_secs()),
     ];
     for (set, name) in [
         (cfg.allow_other, "allow_other"),
@@ -238,6 +296,20 @@ fn options_string(cfg: &MountConfig) -> String {
         );
     }
     o.join(",")
+}
+
+/// A number that tells this mount from any other: the pid, the time and the boot's
+/// randomness, hashed.
+fn mount_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() | 1
 }
 
 fn raw(fd: &OwnedFd) -> i32 {
@@ -293,7 +365,23 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
         // SAFETY: setsid has no arguments; failing (already a leader) is harmless.
         unsafe { libc::setsid() };
     }
-    let mut dev = open_device(&cfg.image, cfg.read_only, cfg.direct)?;
+    let target = match nbd_url(&cfg.image) {
+        Some(url) => {
+            let options = nbd::Options {
+                connections: cfg.nbd_connections,
+                delay: cfg.nbd_delay,
+                timeout: cfg.nbd_timeout,
+                // This mount's claim on the export: one mount owns it at a time.
+                appcode: Some(mount_token()),
+            };
+            Some(connect_nbd(&url?, options)?)
+        }
+        None => None,
+    };
+    let mut dev: Arc<dyn BlockDevice> = match &target {
+        Some(t) => t.clone(),
+        None => open_device(&cfg.image, cfg.read_only, cfg.direct)?,
+    };
     if !cfg.latency.is_zero() {
         dev = Arc::new(LatencyDevice::new(dev, cfg.latency));
     }
@@ -329,7 +417,7 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     config.clone_fd = true;
 
     let signals = block_stop_signals();
-    let offload = Arc::new(Offload::new(fs.clone(), cfg.offload));
+    let offload = Arc::new(Offload::new(fs.clone(), cfg.offload, target));
     let (session, unmount) = start_session(cfg, NearFs::new(fs.clone(), offload.clone()), config)?;
     offload.set_notifier(session.notifier())?;
     std::thread::Builder::new()

@@ -38,6 +38,7 @@ use dashmap::DashMap;
 use extents::access::{MAY_READ, MAY_WRITE};
 use extents::{BLOCK_SIZE, Creds, FileKind, Fs, FsError, Ino, OpenMode};
 use fuser::{Errno, INodeNo, Notifier, ReplyIoctl};
+use nbd::{NbdDevice, NotAtTarget, RemoteProgram, RemoteWorld};
 use nearfs_client::abi::{self, Fields, FieldsMut, cmd, off, run_error};
 
 use crate::errno::errno;
@@ -123,6 +124,8 @@ pub struct FileStats {
     pub device_bytes: u64,
     pub bytes_returned: u64,
     pub insns: u64,
+    /// Runs executed at the storage target rather than in the daemon.
+    pub remote_runs: u64,
     /// Time the daemon spent on runs, from a RUN request's arrival here to the end of the run
     /// (access checks, waiting for a worker and the lock, reads and execution; not the FUSE
     /// crossing).
@@ -131,6 +134,11 @@ pub struct FileStats {
 
 struct Loaded {
     program: Program,
+    /// The program as the storage target gets it, on a mount over a target that runs
+    /// appcode.
+    remote: Option<Arc<RemoteProgram>>,
+    /// Whether the target refused it (said once in the log).
+    refused: std::sync::atomic::AtomicBool,
     owner: u32,
     /// What the owner is charged for it, until the last holder drops it.
     charge: Charge,
@@ -283,6 +291,9 @@ pub struct Offload {
     runners: Workers,
     /// Verify and compile programs, apart from runs so that no user's runs delay loads.
     loaders: Workers,
+    /// The NBD device of a mount over the network, where runs go when its target offers
+    /// appcode.
+    target: Option<Arc<NbdDevice>>,
 }
 
 /// A reply to send once file ranges are dropped from the kernel's page cache.
@@ -322,8 +333,19 @@ fn bad() -> Errno {
 }
 
 impl Offload {
-    pub fn new(fs: Arc<Fs>, settings: Settings) -> Offload {
+    pub fn new(fs: Arc<Fs>, settings: Settings, target: Option<Arc<NbdDevice>>) -> Offload {
+        if let Some(t) = &target {
+            if t.offers_appcode() {
+                tracing::info!(target = %t.url(), "appcode runs at the storage target");
+            } else {
+                tracing::info!(
+                    target = %t.url(),
+                    "the NBD server does not offer appcode; runs execute in the daemon over the remote device"
+                );
+            }
+        }
         Offload {
+            target,
             fs,
             settings,
             limits: Limits::default(),
@@ -654,7 +676,15 @@ impl Offload {
         let start = Instant::now();
         let loaded = Program::from_elf(&object.0, name, Mode::Checked);
         let load_time = start.elapsed();
-        drop(object);
+        // The target verifies and compiles the object itself, from these bytes.
+        let for_target = self
+            .target
+            .as_ref()
+            .filter(|t| t.offers_appcode())
+            .is_some();
+        let (object, uploaded) = object;
+        drop(uploaded);
+        let object = for_target.then_some(object);
         let refused = |me: &Self, b: &mut [u8], text: String, status: i32| {
             let log_len = text.len() as u32;
             let token = me.hold(uid, Pending::Log { text }, false)?;
@@ -673,7 +703,8 @@ impl Offload {
                 return refused(self, b, e.to_string(), status);
             }
         };
-        let bytes = program.footprint() as u64;
+        let remote = object.map(|o| RemoteProgram::new(program.name(), o));
+        let bytes = (program.footprint() + remote.as_ref().map_or(0, |r| r.object_len())) as u64;
         let charge = match self.users.admit(uid, bytes) {
             Ok(c) => c,
             Err(held) => {
@@ -696,6 +727,8 @@ impl Offload {
             id,
             Arc::new(Loaded {
                 program,
+                remote,
+                refused: Default::default(),
                 owner: uid,
                 charge,
                 load_time,
@@ -883,24 +916,18 @@ impl Offload {
                         unwritten: e.unwritten,
                     })
                     .collect();
-                let world = World {
-                    device: data.device,
-                    extents: &extents,
-                    file_size: data.size,
-                    range: start..end,
-                    writable: write,
-                };
-                let r = loaded.program.run(world, &req);
+                let (r, remote) =
+                    self.run_somewhere(loaded, &extents, data, start..end, write, &req);
                 // A device error while applying writes may leave some applied.
                 let wrote = match &r {
                     Ok(o) => !o.written.is_empty(),
                     Err(RunError::Io(_)) => write,
                     Err(_) => false,
                 };
-                (Ok((r, start..end)), wrote)
+                (Ok((r, start..end, remote)), wrote)
             })
             .map_err(|e| errno(&e))??;
-        let (outcome, range) = outcome;
+        let (outcome, range, remote) = outcome;
         // Output past the first reply is held until fetched, charged to the user now. Runs
         // at once each saw the room left before any of them ended: a reading run whose
         // output no longer fits fails (it changed nothing); a writing run's is kept past
@@ -926,6 +953,7 @@ impl Offload {
         });
         let mut stats = self.stats.entry(caller.ino.0).or_default();
         stats.runs += 1;
+        stats.remote_runs += u64::from(remote);
         stats.run_ns += started.elapsed().as_nanos() as u64;
         match outcome {
             Ok((out, len, more)) => {
@@ -959,6 +987,49 @@ impl Offload {
                 Ok(matches!(e, RunError::Io(_) if write).then_some(range))
             }
         }
+    }
+
+    /// Runs a program at the storage target when there is one that runs appcode, else
+    /// here; says which. A program the target refuses runs here, and the daemon says so
+    /// once.
+    fn run_somewhere(
+        &self,
+        loaded: &Loaded,
+        extents: &[Extent],
+        data: &extents::InPlace<'_>,
+        range: std::ops::Range<u64>,
+        write: bool,
+        req: &Request<'_>,
+    ) -> (Result<appcode::Outcome, RunError>, bool) {
+        if let (Some(target), Some(program)) = (&self.target, &loaded.remote) {
+            let world = RemoteWorld {
+                extents,
+                file_size: data.size,
+                range: range.clone(),
+                writable: write,
+            };
+            match target.run(program, world, req) {
+                Ok(r) => return (r, true),
+                Err(NotAtTarget::Refused(why)) => {
+                    if !loaded.refused.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            program = loaded.program.name(),
+                            why,
+                            "the target refused the program; it runs in the daemon"
+                        );
+                    }
+                }
+                Err(NotAtTarget::Unsupported) => {}
+            }
+        }
+        let world = World {
+            device: data.device,
+            extents,
+            file_size: data.size,
+            range,
+            writable: write,
+        };
+        (loaded.program.run(world, req), false)
     }
 
     fn more(&self, caller: &Caller, b: &mut [u8]) -> Result<(), Errno> {
@@ -995,8 +1066,16 @@ impl Offload {
     pub fn file_stats(&self, ino: Ino) -> String {
         let s = self.stats.get(&ino.0).map(|s| *s).unwrap_or_default();
         format!(
-            "runs={} failures={} hops={} device_bytes={} bytes_returned={} insns={} run_ns={}",
-            s.runs, s.failures, s.hops, s.device_bytes, s.bytes_returned, s.insns, s.run_ns
+            "runs={} failures={} hops={} device_bytes={} bytes_returned={} insns={} \
+             remote_runs={} run_ns={}",
+            s.runs,
+            s.failures,
+            s.hops,
+            s.device_bytes,
+            s.bytes_returned,
+            s.insns,
+            s.remote_runs,
+            s.run_ns
         )
     }
 
@@ -1004,7 +1083,7 @@ impl Offload {
     pub fn facts(&self) -> Vec<(&'static str, String)> {
         let s = &self.settings;
         let held = self.users.total();
-        vec![
+        let mut facts = vec![
             ("offload", s.policy.as_str().to_string()),
             ("offload_engine", "checked".to_string()),
             ("offload_runs", s.runs_per_user.to_string()),
@@ -1013,7 +1092,33 @@ impl Offload {
             ("offload_workers", s.workers.to_string()),
             ("programs_loaded", self.programs.len().to_string()),
             ("offload_bytes_held", held.to_string()),
-        ]
+        ];
+        if let Some(t) = &self.target {
+            let c = t.counters();
+            let (sent, received) = (
+                c.sent.load(Ordering::Relaxed),
+                c.received.load(Ordering::Relaxed),
+            );
+            facts.extend([
+                ("device", t.url().to_string()),
+                (
+                    "target_offload",
+                    if t.offers_appcode() { "yes" } else { "no" }.to_string(),
+                ),
+                (
+                    "nbd_requests",
+                    c.requests.load(Ordering::Relaxed).to_string(),
+                ),
+                ("nbd_bytes", (sent + received).to_string()),
+                ("nbd_bytes_sent", sent.to_string()),
+                ("nbd_bytes_received", received.to_string()),
+                (
+                    "nbd_connects",
+                    c.connects.load(Ordering::Relaxed).to_string(),
+                ),
+            ]);
+        }
+        facts
     }
 
     /// `user.nearfs.programs` on the root: the loaded programs.
