@@ -5,6 +5,8 @@
 #                 accepted runs on the checked engine, where it must never fault, and on
 #                 rbpf's interpreter, which must agree
 #   differential  generated programs that verify often: checked engine against interpreter
+#   server        (nbd/fuzz) any bytes from a client to the NBD server, in the handshake or
+#                 after a valid one; it must answer or close, and serve the next client
 # Seeds come from the bpf-progs examples and the hostile corpus. Needs cargo-fuzz
 # (cargo install cargo-fuzz); on a stable toolchain RUSTC_BOOTSTRAP lets it pass its
 # nightly flags, and sanitizers stay off (-s none).
@@ -39,3 +41,18 @@ for target in load verify differential; do
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 2>&1 |
         grep -E "^(stat::|#[0-9]+ *DONE|==|SUMMARY|Done)" || true
 done
+
+# The NBD server: seeds are a handshake, and requests after a valid handshake (mode byte 1):
+# a read, a write with its payload, a flush, and an appcode RUN that names no program.
+cd ../../nbd/fuzz
+mkdir -p corpus/server
+req() { printf '\x25\x60\x95\x13'; printf "$1"; }
+{ printf '\x00\x00\x00\x00\x03'; printf 'IHAVEOPT\x00\x00\x00\x03\x00\x00\x00\x00'; } >corpus/server/list
+{ printf '\x01'; req '\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00'; } >corpus/server/read
+{ printf '\x01'; req '\x00\x01\x00\x01\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x08'; printf 'abcdefgh'; req '\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00'; } >corpus/server/write
+{ printf '\x01'; req '\x00\x00\x4e\x41\x00\x00\x00\x00\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x58'; head -c 88 /dev/zero; } >corpus/server/run
+cargo fuzz build -s none
+echo "== server: ${seconds}s"
+cargo fuzz run -s none server corpus/server -- \
+    -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 2>&1 |
+    grep -E "^(stat::|#[0-9]+ *DONE|==|SUMMARY|Done)" || true
