@@ -422,6 +422,7 @@ impl Conn {
         }
         let mut s = stream.ok_or(last)?;
         s.set_nodelay(true)?;
+        wire::keep_alive(&s)?;
         s.set_read_timeout(Some(options.timeout))?;
         s.set_write_timeout(Some(options.timeout))?;
         counters.connects.fetch_add(1, Ordering::Relaxed);

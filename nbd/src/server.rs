@@ -252,6 +252,7 @@ struct Negotiated {
 
 fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    wire::keep_alive(&stream)?;
     stream.set_read_timeout(Some(shared.config.handshake_timeout))?;
     stream.set_write_timeout(Some(shared.config.handshake_timeout))?;
     let Some(negotiated) = handshake(shared, &mut stream)? else {
