@@ -2,8 +2,9 @@
 
 # Debian packages nearfs needs: FUSE, clang/llvm (appcode), attr (getfattr), fio (benchmarks),
 # libacl1-dev (pjdfstest), util-linux (setpriv), e2fsprogs (ext4 for comparisons),
-# fonts-dejavu-core (text in the benchmark plots).
-NEARFS_PACKAGES="fuse3 clang llvm attr fio libacl1-dev util-linux e2fsprogs fonts-dejavu-core"
+# fonts-dejavu-core (text in the benchmark plots), qemu-utils (qemu-nbd, qemu-io),
+# libnbd-bin (nbdinfo, nbdcopy) and nbdkit (NBD interop tests).
+NEARFS_PACKAGES="fuse3 clang llvm attr fio libacl1-dev util-linux e2fsprogs fonts-dejavu-core qemu-utils libnbd-bin nbdkit"
 
 install_packages() {
     local missing=()

@@ -12,6 +12,9 @@ use std::process::Command;
 
 use nearfs_tests::*;
 
+/// nearfs over NBD: `nearfs serve`, qemu-nbd and nbdkit.
+mod remote;
+
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }

@@ -1,8 +1,12 @@
 //! Helpers for the integration tests: a nearfs image mounted through FUSE in a temporary
-//! directory, unmounted (and its daemon reaped) on drop, also when a test fails.
+//! directory, unmounted (and its daemon reaped) on drop, also when a test fails; and NBD
+//! servers (`nearfs serve`, qemu-nbd, nbdkit) on loopback ports, killed on drop.
 
 use std::ffi::CString;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -68,9 +72,15 @@ pub fn is_mounted(path: &Path) -> bool {
 /// A mounted nearfs filesystem in a temporary directory.
 pub struct TestFs {
     pub dir: tempfile::TempDir,
+    /// The image file, or the `nbd://` URL of the export the filesystem is mounted from.
     pub image: PathBuf,
     pub mnt: PathBuf,
     daemon: Option<Child>,
+    /// Where the daemon's stderr goes, and how long it was when the current mount began.
+    /// A file rather than a pipe: a daemon that logs many errors (a target gone away)
+    /// must never block on a pipe nobody reads.
+    log: PathBuf,
+    log_from: u64,
 }
 
 impl TestFs {
@@ -89,14 +99,49 @@ impl TestFs {
             "mkfs failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let log = dir.path().join("daemon.log");
         let mut fs = Self {
             dir,
             image,
             mnt,
             daemon: None,
+            log,
+            log_from: 0,
         };
         fs.mount(options);
         fs
+    }
+
+    /// Mounts the filesystem on the NBD export at `url` (made with `nearfs mkfs` and
+    /// served by an [`NbdTarget`]) with `-o options`.
+    pub fn over_nbd(url: &str, options: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nearfs-test")
+            .tempdir()
+            .expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mountpoint");
+        let log = dir.path().join("daemon.log");
+        let mut fs = Self {
+            dir,
+            image: PathBuf::from(url),
+            mnt,
+            daemon: None,
+            log,
+            log_from: 0,
+        };
+        fs.mount(options);
+        fs
+    }
+
+    /// What the daemon of the current (or last) mount logged.
+    pub fn daemon_log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(self.log_from));
+            let _ = f.read_to_string(&mut s);
+        }
+        s
     }
 
     /// Mounts the image in the foreground as a child process, waiting until it is ready.
@@ -115,18 +160,23 @@ impl TestFs {
         if !options.is_empty() {
             cmd.arg("-o").arg(options);
         }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
+        self.log_from = log.metadata().map_or(0, |m| m.len());
         let mut child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("spawn nearfs");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&self.mnt) {
             if let Ok(Some(status)) = child.try_wait() {
-                let out = child.wait_with_output().expect("output");
                 panic!(
                     "nearfs exited ({status}) before mounting: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                    self.daemon_log()
                 );
             }
             assert!(
@@ -165,12 +215,9 @@ impl TestFs {
                 }
             }
         }
-        if let Some(mut err) = child.stderr.take() {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut s);
-            if s.contains("panicked") {
-                panic!("the daemon panicked: {s}");
-            }
+        let s = self.daemon_log();
+        if s.contains("panicked") {
+            panic!("the daemon panicked: {s}");
         }
     }
 
@@ -184,6 +231,249 @@ impl Drop for TestFs {
     fn drop(&mut self) {
         self.unmount();
     }
+}
+
+/// The NBD servers nearfs is tested with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NbdServer {
+    /// `nearfs serve`: plain NBD, and appcode at the target for nearfs mounts.
+    Nearfs,
+    /// QEMU's server (`qemu-nbd`), raw format.
+    QemuNbd,
+    /// `nbdkit` with its file plugin.
+    Nbdkit,
+}
+
+/// An NBD server exporting an image on a loopback port, as a child process that is
+/// killed (and reaped) on drop, also when a test fails.
+pub struct NbdTarget {
+    pub server: NbdServer,
+    pub image: PathBuf,
+    pub port: u16,
+    /// Extra arguments for the server (e.g. `--read-only`).
+    args: Vec<String>,
+    /// The server's stdout and stderr, next to the image.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+impl NbdTarget {
+    /// The name of the export every server offers (nbdkit's file plugin answers to any).
+    pub const EXPORT: &str = "disk";
+
+    /// Starts `server` on `image` and waits until it speaks NBD.
+    pub fn start(server: NbdServer, image: &Path, args: &[&str]) -> Self {
+        let dir = image.parent().expect("image in a directory");
+        let mut target = NbdTarget {
+            server,
+            image: image.to_owned(),
+            port: 0,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: dir.join(format!("{server:?}.log").to_lowercase()),
+            child: None,
+        };
+        // Another process may take the free port before the server binds it: then the
+        // server exits, and it tries another.
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            target.port = free_port();
+            match target.spawn() {
+                Ok(child) => {
+                    target.child = Some(child);
+                    return target;
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("{server:?} did not start: {failures:#?}");
+    }
+
+    /// `nbd://127.0.0.1:PORT/disk`.
+    pub fn url(&self) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.port, Self::EXPORT)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// What the server printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn command(&self) -> Command {
+        let image = &self.image;
+        let port = self.port.to_string();
+        let mut cmd = match self.server {
+            NbdServer::Nearfs => {
+                let mut c = Command::new(nearfs_bin());
+                c.arg("serve")
+                    .arg(image)
+                    .args(["--listen", &format!("127.0.0.1:{port}")])
+                    .args(["--export", Self::EXPORT])
+                    .args(&self.args);
+                c
+            }
+            NbdServer::QemuNbd => {
+                let mut c = Command::new("qemu-nbd");
+                // -t: keep serving after the last client leaves; --shared: the mount's
+                // connections, the tools' and the readiness probe's at once.
+                c.args([
+                    "-f",
+                    "raw",
+                    "-x",
+                    Self::EXPORT,
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                ])
+                .args(["--shared=16", "-t"])
+                .args(&self.args)
+                .arg(image);
+                c
+            }
+            NbdServer::Nbdkit => {
+                let mut c = Command::new("nbdkit");
+                c.args(["-f", "-i", "127.0.0.1", "-p", &port])
+                    .args(&self.args)
+                    .arg("file")
+                    .arg(image);
+                c
+            }
+        };
+        // SAFETY: the closure runs in the child between fork and exec and makes one
+        // async-signal-safe system call, touching no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The server dies with the test, whatever ends it (the kernel sends the
+                // signal when the thread that started it ends).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Starts the server on `self.port`, returning once it greets clients.
+    fn spawn(&self) -> Result<Child, String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("server log");
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run {:?}: {e}", self.server))?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "{:?} exited ({status}) on port {}: {}",
+                    self.server,
+                    self.port,
+                    self.log()
+                ));
+            }
+            if greets(addr) {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{:?} did not answer on port {} within 60 s: {}",
+                    self.server,
+                    self.port,
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the server to stop (SIGTERM) and waits for it; kills it if it does not go.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill takes a pid and a signal number; the child is ours and not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Sends `signal` to the running server (SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill takes a pid and a signal number; the child is ours and not reaped.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Starts the server again on the same image and port (after [`kill`](Self::kill) or
+    /// [`stop`](Self::stop)).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        // The port is free again once the old server is reaped; a few tries in case the
+        // kernel is slow to let go of it.
+        let mut failures = Vec::new();
+        for _ in 0..10 {
+            match self.spawn() {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return;
+                }
+                Err(e) => failures.push(e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("{:?} did not restart: {failures:#?}", self.server);
+    }
+}
+
+impl Drop for NbdTarget {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether an NBD server on `addr` greets a new client (newstyle: "NBDMAGIC" first).
+fn greets(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
 }
 
 /// Reads an extended attribute; Err carries the errno.

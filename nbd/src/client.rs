@@ -237,6 +237,12 @@ impl NbdDevice {
             let mut pool = lock(&self.pool);
             loop {
                 if let Some(c) = pool.idle.pop() {
+                    // A server that restarted closed the connections it had: they are
+                    // dropped here, not found out by the next request, which would fail.
+                    if c.closed_by_server() {
+                        pool.open -= 1;
+                        continue;
+                    }
                     break Some(c);
                 }
                 if pool.open < pool.max {
@@ -407,6 +413,25 @@ fn server_error(e: u32, msg: &str) -> io::Error {
 }
 
 impl Conn {
+    /// Whether an idle connection can no longer be used: the server closed it (end of
+    /// stream, a reset) or sent something unasked. An idle connection has nothing to read.
+    fn closed_by_server(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut b = 0u8;
+        // SAFETY: recv writes at most 1 byte into `b`, which lives across the call; the
+        // descriptor belongs to `self.stream`. MSG_PEEK leaves the byte where it is and
+        // MSG_DONTWAIT makes the call return at once, so one system call checks.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        !(n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+    }
+
     fn open(url: &NbdUrl, options: &Options, counters: &Arc<Counters>) -> io::Result<Conn> {
         let addrs = (url.host.as_str(), url.port).to_socket_addrs()?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{}: no address", url.host));
@@ -738,7 +763,12 @@ impl Conn {
                     if r.u64()? != output.len() as u64 {
                         return Err(wire::invalid("output pieces out of order"));
                     }
-                    output.extend_from_slice(r.rest());
+                    let piece = r.rest();
+                    // A target gives no more output than the run was allowed.
+                    if (output.len() + piece.len()) as u64 > request.limits.output_bytes {
+                        return Err(wire::invalid("more output than the run's limit"));
+                    }
+                    output.extend_from_slice(piece);
                 }
                 chunk::NEARFS_RESULT if c.done() => {
                     let b = self.recv_vec(c.length, 64 + wire::MAX_MESSAGE as u32)?;
