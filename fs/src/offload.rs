@@ -957,9 +957,10 @@ impl Offload {
         stats.run_ns += started.elapsed().as_nanos() as u64;
         match outcome {
             Ok((out, len, more)) => {
-                stats.hops += out.costs.hops;
-                stats.device_bytes += out.costs.device_bytes;
-                stats.insns += out.costs.insns;
+                // Costs a target reported are its word: counters saturate.
+                stats.hops = stats.hops.saturating_add(out.costs.hops);
+                stats.device_bytes = stats.device_bytes.saturating_add(out.costs.device_bytes);
+                stats.insns = stats.insns.saturating_add(out.costs.insns);
                 stats.bytes_returned += len as u64;
                 drop(stats);
                 put_costs(b, &out.costs);
@@ -969,7 +970,11 @@ impl Offload {
                 b.put_u64(off::run::MORE, more);
                 // One range for the page cache: a run may write thousands of stretches.
                 let (first, last) = (out.written.first(), out.written.last());
-                Ok(first.zip(last).map(|(f, l)| f.start..l.end))
+                // What a target says it wrote is clamped to the run's range.
+                Ok(first
+                    .zip(last)
+                    .map(|(f, l)| f.start.max(range.start)..l.end.min(range.end))
+                    .filter(|r| !r.is_empty()))
             }
             Err(e) => {
                 stats.failures += 1;

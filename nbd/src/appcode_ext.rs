@@ -34,9 +34,13 @@ pub struct RunRequest {
 }
 
 impl RunRequest {
+    /// Bytes of the encoded request.
+    pub fn encoded_len(&self) -> usize {
+        RUN_FIXED + self.extents.len() * EXTENT_SIZE + self.arg.len()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut b =
-            Vec::with_capacity(RUN_FIXED + self.extents.len() * EXTENT_SIZE + self.arg.len());
+        let mut b = Vec::with_capacity(self.encoded_len());
         b.put_u64(self.program);
         b.put_u32(if self.write { RUN_WRITE } else { 0 });
         b.put_u32(self.arg.len() as u32);

@@ -11,12 +11,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use appcode::{Extent, Outcome, Request as RunArgs, RunError};
 use blockdev::BlockDevice;
@@ -162,6 +162,9 @@ pub struct NbdDevice {
     appcode: bool,
     pool: Mutex<Pool>,
     returned: Condvar,
+    /// Odd after a failure until a new connection fenced; connections opened before the
+    /// last fence are not used (see [`NbdDevice::failed`]).
+    fence: Mutex<u64>,
     counters: Arc<Counters>,
 }
 
@@ -210,6 +213,7 @@ impl NbdDevice {
                 max,
             }),
             returned: Condvar::new(),
+            fence: Mutex::new(0),
             counters,
         })
     }
@@ -233,60 +237,81 @@ impl NbdDevice {
 
     /// Runs `f` on a connection; a connection that failed is closed rather than given back.
     fn with_conn<R>(&self, f: impl FnOnce(&mut Conn) -> io::Result<R>) -> io::Result<R> {
-        let mut conn = {
-            let mut pool = lock(&self.pool);
-            loop {
-                if let Some(c) = pool.idle.pop() {
-                    // A server that restarted closed the connections it had: they are
-                    // dropped here, not found out by the next request, which would fail.
-                    if c.closed_by_server() {
-                        pool.open -= 1;
-                        continue;
-                    }
-                    break Some(c);
-                }
-                if pool.open < pool.max {
-                    pool.open += 1;
-                    break None;
-                }
-                pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
-            }
-        };
-        let mut c = match conn.take() {
+        let mut c = match self.take_conn() {
             Some(c) => c,
-            None => match Conn::open(&self.url, &self.options, &self.counters) {
-                Ok(c) if c.size == self.size && c.appcode == self.appcode => c,
-                Ok(_) => {
-                    self.closed();
-                    return Err(io::Error::other(format!(
-                        "{} changed while it was in use (size or extension)",
-                        self.url
-                    )));
-                }
+            None => match self.open_conn() {
+                Ok(c) => c,
                 Err(e) => {
                     self.closed();
                     return Err(e);
                 }
             },
         };
-        match f(&mut c) {
-            Ok(r) => {
-                lock(&self.pool).idle.push(c);
-                self.returned.notify_one();
-                Ok(r)
-            }
-            Err(e) => {
-                // A reply that was an error came whole; anything else leaves the stream
-                // where it cannot be trusted.
-                if e.kind() == io::ErrorKind::Other && c.intact {
-                    lock(&self.pool).idle.push(c);
-                    self.returned.notify_one();
-                } else {
-                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
-                    self.closed();
+        let r = f(&mut c);
+        // A reply that was an error came whole; anything else may leave the stream where
+        // it cannot be trusted, and a request the server may still be working on.
+        if c.intact {
+            lock(&self.pool).idle.push(c);
+            self.returned.notify_one();
+        } else {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            self.failed();
+            self.closed();
+        }
+        r
+    }
+
+    /// An idle connection, or `None` after counting one that the caller opens.
+    fn take_conn(&self) -> Option<Conn> {
+        let mut pool = lock(&self.pool);
+        loop {
+            if let Some(c) = pool.idle.pop() {
+                // A server that restarted closed the connections it had; connections from
+                // before a failure were closed by the fence after it. Both are dropped
+                // here, not found out by the next request, which would fail.
+                if c.closed_by_server() || c.generation != *lock(&self.fence) {
+                    pool.open -= 1;
+                    continue;
                 }
-                Err(e)
+                return Some(c);
             }
+            if pool.open < pool.max {
+                pool.open += 1;
+                return None;
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Opens a connection; the first after a failure fences first.
+    fn open_conn(&self) -> io::Result<Conn> {
+        let mut c = Conn::open(&self.url, &self.options, &self.counters)?;
+        if c.size != self.size || c.appcode != self.appcode {
+            return Err(io::Error::other(format!(
+                "{} changed while it was in use (size or extension)",
+                self.url
+            )));
+        }
+        let mut generation = lock(&self.fence);
+        if !generation.is_multiple_of(2) {
+            if self.appcode {
+                c.simple(cmd::NEARFS_FENCE, 0, 0, 0, &[])?;
+            }
+            *generation += 1;
+        }
+        c.generation = *generation;
+        Ok(c)
+    }
+
+    /// A request failed with the server perhaps still working on it. Until a new
+    /// connection has fenced the old ones at the target (`NEARFS_FENCE`: they are closed
+    /// and their requests finished), no request is sent: so nothing the mount gave up on
+    /// can change the export after anything it sends later. Servers without the
+    /// extension cannot be fenced.
+    fn failed(&self) {
+        let mut generation = lock(&self.fence);
+        if generation.is_multiple_of(2) {
+            *generation += 1;
         }
     }
 
@@ -316,12 +341,20 @@ impl NbdDevice {
             extents: world.extents.to_vec(),
             arg: args.arg.to_vec(),
         };
+        if request.encoded_len() > wire::MAX_PAYLOAD as usize {
+            return Err(NotAtTarget::Refused(format!(
+                "{} extents do not fit one request",
+                request.extents.len()
+            )));
+        }
         let result = self.with_conn(|c| {
             // A second try if the target no longer knew the program (it restarted).
             for _ in 0..2 {
-                let id = match c.program_id(program)? {
-                    Ok(id) => id,
-                    Err(refused) => return Ok(Err(refused)),
+                // Nothing of the run was sent yet: whatever goes wrong, it can run here.
+                let id = match c.program_id(program) {
+                    Ok(Ok(id)) => id,
+                    Ok(Err(refused)) => return Ok(Err(refused)),
+                    Err(e) => return Ok(Err(format!("loading it failed: {e}"))),
                 };
                 request.program = id;
                 if let Some(r) = c.run(&request)? {
@@ -388,11 +421,20 @@ impl BlockDevice for NbdDevice {
 /// One connection in transmission.
 struct Conn {
     stream: TcpStream,
+    /// Replies are read through this (the same socket).
+    reader: BufReader<TcpStream>,
     size: u64,
     flags: u16,
     structured: bool,
     appcode: bool,
     delay: Duration,
+    timeout: Duration,
+    /// When the reply to the request in flight must have come, whatever the server does.
+    deadline: Instant,
+    /// The socket's read timeout now (shortened near a deadline, lengthened for runs).
+    read_timeout: Duration,
+    /// Which failure of the device this connection came after (see [`NbdDevice::fence`]).
+    generation: u64,
     /// Whether the stream is at a message boundary (false once a read or write failed
     /// half-way).
     intact: bool,
@@ -417,6 +459,9 @@ impl Conn {
     /// stream, a reset) or sent something unasked. An idle connection has nothing to read.
     fn closed_by_server(&self) -> bool {
         use std::os::fd::AsRawFd;
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
         let mut b = 0u8;
         // SAFETY: recv writes at most 1 byte into `b`, which lives across the call; the
         // descriptor belongs to `self.stream`. MSG_PEEK leaves the byte where it is and
@@ -453,12 +498,17 @@ impl Conn {
         counters.connects.fetch_add(1, Ordering::Relaxed);
         let (size, flags, structured, appcode) = negotiate(&mut s, url, options.appcode)?;
         Ok(Conn {
+            reader: BufReader::with_capacity(64 << 10, s.try_clone()?),
             stream: s,
             size,
             flags,
             structured,
             appcode,
             delay: options.delay,
+            timeout: options.timeout,
+            deadline: Instant::now(),
+            read_timeout: options.timeout,
+            generation: 0,
             intact: true,
             cookie: 0,
             programs: HashMap::new(),
@@ -474,8 +524,26 @@ impl Conn {
         length: u32,
         payload: &[u8],
     ) -> io::Result<u64> {
+        self.send_within(kind, flags, offset, length, payload, self.timeout)
+    }
+
+    /// Sends a request whose reply must have come within `time`.
+    fn send_within(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+        time: Duration,
+    ) -> io::Result<u64> {
         if !self.delay.is_zero() {
             blockdev::pause(self.delay);
+        }
+        self.deadline = Instant::now() + time;
+        if self.read_timeout != time {
+            self.stream.set_read_timeout(Some(time))?;
+            self.read_timeout = time;
         }
         self.cookie += 1;
         let header = Request {
@@ -503,8 +571,26 @@ impl Conn {
         Ok(self.cookie)
     }
 
+    /// Reads exactly `buf`, by the request's deadline however the server spreads its
+    /// bytes.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.stream.read_exact(buf)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.reader.read(&mut buf[done..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if done < buf.len() {
+                self.near_deadline()?;
+            }
+        }
         self.counters
             .received
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -520,8 +606,26 @@ impl Conn {
         Ok(v)
     }
 
+    /// Fails once the deadline passed; near it, shortens the socket's timeout to what is
+    /// left.
+    fn near_deadline(&mut self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete reply in time",
+            ));
+        }
+        if left < self.read_timeout {
+            self.stream.set_read_timeout(Some(left))?;
+            self.read_timeout = left;
+        }
+        Ok(())
+    }
+
     /// Reads the next reply header: a simple reply's error, or a chunk.
     fn reply_header(&mut self, cookie: u64) -> io::Result<Result<u32, Chunk>> {
+        self.near_deadline()?;
         let mut magic = [0; 4];
         self.recv(&mut magic)?;
         let magic = u32::from_be_bytes(magic);
@@ -626,7 +730,7 @@ impl Conn {
             };
         }
         // Chunks must cover the whole read, without overlap, before DONE.
-        let mut covered = 0u64;
+        let mut covered = Covered::default();
         let mut error = None;
         loop {
             let c = match self.reply_header(cookie)? {
@@ -642,9 +746,9 @@ impl Conn {
                     self.recv(&mut at)?;
                     let at = u64::from_be_bytes(at);
                     let n = (c.length - 8) as u64;
+                    covered.add(at, n)?;
                     let piece = piece_of(buf, offset, at, n)?;
                     self.recv(piece)?;
-                    covered += n;
                 }
                 chunk::OFFSET_HOLE => {
                     if c.length != 12 {
@@ -654,8 +758,8 @@ impl Conn {
                     self.recv(&mut b)?;
                     let at = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
                     let n = u32::from_be_bytes(b[8..].try_into().expect("4 bytes")) as u64;
+                    covered.add(at, n)?;
                     piece_of(buf, offset, at, n)?.fill(0);
-                    covered += n;
                 }
                 chunk::NONE if c.length == 0 => {}
                 k if chunk::is_error(k) => {
@@ -671,7 +775,7 @@ impl Conn {
         self.intact = true;
         match error {
             Some((e, msg)) => Err(server_error(e, &msg)),
-            None if covered != buf.len() as u64 => {
+            None if covered.bytes != buf.len() as u64 => {
                 Err(wire::invalid("a read reply that left bytes out"))
             }
             None => Ok(()),
@@ -692,8 +796,12 @@ impl Conn {
             .map(|(k, (_, id))| (*k, *id))
             .collect();
         for (key, id) in gone {
-            self.simple(cmd::NEARFS_UNLOAD, 0, id, 0, &[])?;
             self.programs.remove(&key);
+            match self.simple(cmd::NEARFS_UNLOAD, 0, id, 0, &[]) {
+                // The target may have forgotten it already; that is what was asked.
+                Err(e) if e.kind() == io::ErrorKind::Other && self.intact => {}
+                r => r?,
+            }
         }
         let payload = appcode_ext::encode_load(&program.name, &program.object);
         let cookie = self.send(cmd::NEARFS_LOAD, 0, 0, payload.len() as u32, &payload)?;
@@ -738,13 +846,10 @@ impl Conn {
     /// Runs a loaded program; `None` if the target does not know it (any more).
     fn run(&mut self, request: &RunRequest) -> io::Result<Option<Result<Outcome, RunError>>> {
         let payload = request.encode();
-        if payload.len() > wire::MAX_PAYLOAD as usize {
-            return Ok(Some(Err(RunError::Io(format!(
-                "{} extents do not fit one request to the target",
-                request.extents.len()
-            )))));
-        }
-        let cookie = self.send(cmd::NEARFS_RUN, 0, 0, payload.len() as u32, &payload)?;
+        // The run's own time at the target comes on top of the network's.
+        let time = self.timeout + request.limits.wall;
+        let cookie =
+            self.send_within(cmd::NEARFS_RUN, 0, 0, payload.len() as u32, &payload, time)?;
         let mut output = Vec::new();
         loop {
             let c = match self.reply_header(cookie)? {
@@ -790,6 +895,35 @@ impl Conn {
                 k => return Err(wire::invalid(format!("an unexpected chunk of type {k}"))),
             }
         }
+    }
+}
+
+/// The stretches of a read that its reply's chunks filled.
+#[derive(Default)]
+struct Covered {
+    pieces: Vec<(u64, u64)>,
+    bytes: u64,
+}
+
+impl Covered {
+    /// Chunks a reply may be in: a server sends one, or few.
+    const MAX: usize = 4096;
+
+    /// Records `[at, at + n)`; a chunk over bytes another chunk filled is a broken reply
+    /// (the caller would get some bytes twice and others never).
+    fn add(&mut self, at: u64, n: u64) -> io::Result<()> {
+        let end = at
+            .checked_add(n)
+            .ok_or_else(|| wire::invalid("a chunk past 2^64"))?;
+        if n == 0
+            || self.pieces.len() >= Covered::MAX
+            || self.pieces.iter().any(|&(s, e)| at < e && s < end)
+        {
+            return Err(wire::invalid("empty, overlapping or too many chunks"));
+        }
+        self.pieces.push((at, end));
+        self.bytes += n;
+        Ok(())
     }
 }
 

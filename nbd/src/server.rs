@@ -10,13 +10,14 @@
 //! invariant 7).
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Write};
+use std::fmt;
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-use appcode::{Limits, Mode, Program, Request as RunArgs, World};
+use appcode::{Limits, Mode, Outcome, Program, Request as RunArgs, RunError, World};
 use blockdev::BlockDevice;
 
 use crate::appcode_ext::{self, RunRequest, truncated};
@@ -128,12 +129,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Shared {
     export: Export,
     config: Config,
+    /// Memory for the extension's payloads and what their runs may hold.
     memory: Budget,
     loaders: Budget,
-    /// The nearfs mount that owns the export: its token and how many connections it has.
+    /// The nearfs mount that owns the export: its token and how many claims it holds.
     owner: Mutex<Option<(u64, usize)>>,
-    /// Open connections, to close them when the server stops.
-    connections: Mutex<HashMap<u64, TcpStream>>,
+    /// Open connections, to stop them with the server and to fence them.
+    connections: Mutex<HashMap<u64, Arc<Connection>>>,
     next_connection: AtomicU64,
     stopping: AtomicBool,
 }
@@ -157,8 +159,8 @@ impl Stopper {
         self.shared.stopping.store(true, Ordering::SeqCst);
         // Wakes the accepting thread.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        for s in lock(&self.shared.connections).values() {
-            let _ = s.shutdown(Shutdown::Both);
+        for c in lock(&self.shared.connections).values() {
+            c.close();
         }
     }
 }
@@ -169,7 +171,7 @@ impl Server {
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
-                memory: Budget::new(config.memory.max(wire::MAX_PAYLOAD as u64 * 2)),
+                memory: Budget::new(config.memory.max(RUN_MEMORY + wire::MAX_PAYLOAD as u64)),
                 loaders: Budget::new(LOADERS),
                 export,
                 config,
@@ -212,24 +214,26 @@ impl Server {
                 }
             };
             let id = self.shared.next_connection.fetch_add(1, Ordering::Relaxed);
-            {
+            let conn = {
                 let mut open = lock(&self.shared.connections);
                 if open.len() >= self.shared.config.max_connections {
                     tracing::warn!(peer = ?stream.peer_addr().ok(), "too many connections; refused");
                     continue;
                 }
-                match stream.try_clone() {
-                    Ok(s) => open.insert(id, s),
-                    Err(_) => continue,
+                let Ok(conn) = Connection::new(id, &self.shared, stream) else {
+                    continue;
                 };
-            }
+                let conn = Arc::new(conn);
+                open.insert(id, conn.clone());
+                conn
+            };
             let shared = self.shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    let peer = stream.peer_addr().ok();
+                    let peer = conn.socket.peer_addr().ok();
                     tracing::debug!(id, ?peer, "connected");
-                    if let Err(e) = serve_connection(&shared, stream) {
+                    if let Err(e) = conn.serve() {
                         tracing::debug!(id, ?peer, error = %e, "connection ended");
                     }
                     lock(&shared.connections).remove(&id);
@@ -242,44 +246,35 @@ impl Server {
     }
 }
 
-/// What a client chose in the handshake.
-#[derive(Debug, Default)]
-struct Negotiated {
-    structured: bool,
-    /// The owner token of a nearfs mount that negotiated the appcode extension.
-    appcode: Option<u64>,
+/// A mount's claim on the export, held by each connection that negotiated the extension
+/// with its token; given back whichever way the connection ends.
+#[derive(Debug)]
+struct Claim {
+    shared: Arc<Shared>,
+    token: u64,
 }
 
-fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    wire::keep_alive(&stream)?;
-    stream.set_read_timeout(Some(shared.config.handshake_timeout))?;
-    stream.set_write_timeout(Some(shared.config.handshake_timeout))?;
-    let Some(negotiated) = handshake(shared, &mut stream)? else {
-        return Ok(());
-    };
-    stream.set_read_timeout(None)?;
-    // A client that stops reading its replies cannot hold a thread forever.
-    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
-    let conn = Connection {
-        shared: shared.clone(),
-        reader: Mutex::new(BufReader::with_capacity(64 << 10, stream.try_clone()?)),
-        writer: Mutex::new(stream.try_clone()?),
-        socket: stream,
-        negotiated,
-        closing: AtomicBool::new(false),
-        programs: Mutex::new(Programs::default()),
-    };
-    let result = std::thread::scope(|s| {
-        for _ in 1..shared.config.threads.max(1) {
-            s.spawn(|| conn.work());
-        }
-        conn.work()
-    });
-    if let Some(token) = conn.negotiated.appcode {
+impl Claim {
+    /// Claims the export for `token`, unless another mount holds it.
+    fn take(shared: &Arc<Shared>, token: u64) -> Option<Claim> {
         let mut owner = lock(&shared.owner);
+        match owner.as_mut() {
+            Some((t, _)) if *t != token => return None,
+            Some((_, count)) => *count += 1,
+            None => *owner = Some((token, 1)),
+        }
+        Some(Claim {
+            shared: shared.clone(),
+            token,
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut owner = lock(&self.shared.owner);
         if let Some((t, n)) = owner.as_mut()
-            && *t == token
+            && *t == self.token
         {
             *n -= 1;
             if *n == 0 {
@@ -287,18 +282,50 @@ fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream) -> io::Result<(
             }
         }
     }
-    result
+}
+
+/// What a client chose in the handshake.
+#[derive(Debug, Default)]
+struct Negotiated {
+    structured: bool,
+    /// The claim of a nearfs mount that negotiated the appcode extension.
+    claim: Option<Claim>,
+}
+
+/// Reads the handshake against one deadline for all of it, however the client spreads
+/// its bytes.
+struct Deadline<'a> {
+    inner: &'a mut BufReader<TcpStream>,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        self.inner.get_ref().set_read_timeout(Some(left))?;
+        self.inner.read(buf)
+    }
 }
 
 /// The handshake: fixed newstyle, then options until the client goes into transmission
 /// (`Some`) or leaves (`None`).
-fn handshake(shared: &Shared, s: &mut TcpStream) -> io::Result<Option<Negotiated>> {
+fn handshake(
+    shared: &Arc<Shared>,
+    r: &mut impl Read,
+    s: &mut TcpStream,
+) -> io::Result<Option<Negotiated>> {
     let mut hello = Vec::with_capacity(18);
     hello.put_u64(wire::NBDMAGIC);
     hello.put_u64(wire::IHAVEOPT);
     hello.put_u16(wire::handshake::FIXED_NEWSTYLE | wire::handshake::NO_ZEROES);
     s.write_all(&hello)?;
-    let client_flags = wire::read_u32(s)?;
+    let client_flags = wire::read_u32(r)?;
     let known = wire::handshake::C_FIXED_NEWSTYLE | wire::handshake::C_NO_ZEROES;
     if client_flags & !known != 0 {
         return Err(wire::invalid(format!(
@@ -309,13 +336,13 @@ fn handshake(shared: &Shared, s: &mut TcpStream) -> io::Result<Option<Negotiated
     let mut n = Negotiated::default();
     let export = &shared.export;
     for _ in 0..MAX_OPTIONS {
-        if wire::read_u64(s)? != wire::IHAVEOPT {
+        if wire::read_u64(r)? != wire::IHAVEOPT {
             return Err(wire::invalid("an option without IHAVEOPT"));
         }
-        let option = wire::read_u32(s)?;
-        let len = wire::read_u32(s)?;
+        let option = wire::read_u32(r)?;
+        let len = wire::read_u32(r)?;
         // Past this the option cannot be skipped cheaply: the connection is closed.
-        let data = wire::read_vec(s, len, wire::MAX_OPTION)?;
+        let data = wire::read_vec(r, len, wire::MAX_OPTION)?;
         let reply = |s: &mut TcpStream, kind: u32, data: &[u8]| {
             wire::write_option_reply(s, option, kind, data)
         };
@@ -416,27 +443,19 @@ fn handshake(shared: &Shared, s: &mut TcpStream) -> io::Result<Option<Negotiated
                     reply(s, rep::ERR_INVALID, b"negotiate STRUCTURED_REPLY first")?;
                     continue;
                 }
-                if n.appcode.is_some() {
+                if n.claim.is_some() {
                     reply(s, rep::ERR_INVALID, b"already negotiated")?;
                     continue;
                 }
-                {
-                    let mut owner = lock(&shared.owner);
-                    match owner.as_mut() {
-                        Some((t, _)) if *t != token => {
-                            drop(owner);
-                            reply(
-                                s,
-                                rep::ERR_POLICY,
-                                b"the export is mounted by another nearfs; one mount owns an export at a time",
-                            )?;
-                            continue;
-                        }
-                        Some((_, count)) => *count += 1,
-                        None => *owner = Some((token, 1)),
-                    }
-                }
-                n.appcode = Some(token);
+                let Some(claim) = Claim::take(shared, token) else {
+                    reply(
+                        s,
+                        rep::ERR_POLICY,
+                        b"the export is mounted by another nearfs; one mount owns an export at a time",
+                    )?;
+                    continue;
+                };
+                n.claim = Some(claim);
                 reply(s, rep::ACK, &[])?;
             }
             _ => reply(s, rep::ERR_UNSUP, b"option not supported")?,
@@ -484,13 +503,37 @@ struct Programs {
 }
 
 struct Connection {
+    id: u64,
     shared: Arc<Shared>,
+    /// For closing it from anywhere.
+    socket: TcpStream,
     reader: Mutex<BufReader<TcpStream>>,
     writer: Mutex<TcpStream>,
-    socket: TcpStream,
-    negotiated: Negotiated,
+    /// Set once the handshake is done.
+    negotiated: OnceLock<Negotiated>,
     closing: AtomicBool,
+    /// Requests read and not yet answered; a fence waits for them.
+    active: Mutex<usize>,
+    idle: Condvar,
     programs: Mutex<Programs>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection").field("id", &self.id).finish()
+    }
+}
+
+/// What a request brought with it beyond its header.
+enum Body<'a> {
+    None,
+    /// A write's bytes: this many at the start of the thread's buffer.
+    Buffered(usize),
+    /// A long write, already streamed to the device piece by piece (or refused, its
+    /// payload read and dropped).
+    Streamed(Reply),
+    /// An extension command's payload, with the memory it and its run may take.
+    Extension(Vec<u8>, #[allow(dead_code)] Taken<'a>),
 }
 
 /// What a request is answered with.
@@ -498,155 +541,301 @@ enum Reply {
     /// Success without data (a simple reply, or NONE when structured).
     Ok,
     Error(u32, String),
-    /// A read's bytes, already behind room for the chunk header and offset.
-    Data(Vec<u8>),
-    /// Structured chunks, the last of which gets the DONE flag.
-    Chunks(Vec<(u16, Vec<u8>)>),
+    /// A short read: its bytes are in the thread's buffer, behind room for the header.
+    Data,
+    /// A long read: sent piece by piece from the device.
+    Stream,
+    Program(u64),
+    Run(Result<Outcome, RunError>),
 }
 
 /// Room in front of read data for a structured chunk header and its offset.
 const DATA_HEADROOM: usize = wire::CHUNK_HEADER_SIZE + 8;
+/// Reads and writes longer than this are streamed in pieces of it, so that no request
+/// holds more memory than this whatever its client does.
+const PIECE: usize = 1 << 20;
+/// What a RUN may hold beyond its payload: output and buffered writes, at the ceilings.
+const RUN_MEMORY: u64 = 20 << 20;
 
 impl Connection {
+    fn new(id: u64, shared: &Arc<Shared>, socket: TcpStream) -> io::Result<Connection> {
+        socket.set_nodelay(true)?;
+        wire::keep_alive(&socket)?;
+        // A client that stops reading its replies cannot hold a thread forever.
+        socket.set_write_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Connection {
+            id,
+            shared: shared.clone(),
+            reader: Mutex::new(BufReader::with_capacity(64 << 10, socket.try_clone()?)),
+            writer: Mutex::new(socket.try_clone()?),
+            socket,
+            negotiated: OnceLock::new(),
+            closing: AtomicBool::new(false),
+            active: Mutex::new(0),
+            idle: Condvar::new(),
+            programs: Mutex::new(Programs::default()),
+        })
+    }
+
+    /// The handshake, then requests on `threads` threads until the client leaves.
+    fn serve(&self) -> io::Result<()> {
+        let negotiated = {
+            let mut r = lock(&self.reader);
+            let mut w = lock(&self.writer);
+            let mut deadline = Deadline {
+                inner: &mut r,
+                until: Instant::now() + self.shared.config.handshake_timeout,
+            };
+            let n = handshake(&self.shared, &mut deadline, &mut w)?;
+            r.get_ref().set_read_timeout(None)?;
+            n
+        };
+        let Some(negotiated) = negotiated else {
+            return Ok(());
+        };
+        let _ = self.negotiated.set(negotiated);
+        std::thread::scope(|s| {
+            for _ in 1..self.shared.config.threads.max(1) {
+                s.spawn(|| self.work());
+            }
+            self.work()
+        })
+    }
+
+    fn negotiated(&self) -> &Negotiated {
+        self.negotiated
+            .get()
+            .expect("requests come after the handshake")
+    }
+
+    /// The token of the mount this connection belongs to, if it negotiated the extension.
+    fn owner(&self) -> Option<u64> {
+        self.negotiated.get()?.claim.as_ref().map(|c| c.token)
+    }
+
+    /// Stops reading requests; what was read is still answered if the socket lets it.
+    fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+
     /// One of the connection's threads: reads a request, handles it, replies; until the
     /// client disconnects or breaks the protocol.
     fn work(&self) -> io::Result<()> {
-        let result = (|| loop {
-            let (req, payload, taken) = {
-                let mut r = lock(&self.reader);
-                if self.closing.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                let header = match wire::read_array::<{ wire::REQUEST_SIZE }>(&mut *r) {
-                    Ok(h) => h,
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e),
+        let mut buf = Vec::new();
+        let result = (|| {
+            loop {
+                let (req, body) = {
+                    let mut r = lock(&self.reader);
+                    if self.closing.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                    let header = match wire::read_array::<{ wire::REQUEST_SIZE }>(&mut *r) {
+                        Ok(h) => h,
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
+                    let Some(req) = Request::decode(&header) else {
+                        return Err(wire::invalid("a request with a bad magic"));
+                    };
+                    if req.kind == cmd::DISC {
+                        // Requests already read are finished by their threads; no more are
+                        // read.
+                        self.closing.store(true, Ordering::SeqCst);
+                        return Ok(());
+                    }
+                    let body = self.body(&mut r, &req, &mut buf)?;
+                    // Counted before the reader is let go: a fence that got the reader
+                    // after this sees it.
+                    *lock(&self.active) += 1;
+                    (req, body)
                 };
-                let Some(req) = Request::decode(&header) else {
-                    return Err(wire::invalid("a request with a bad magic"));
-                };
-                if req.kind == cmd::DISC {
-                    // Requests already read are finished by their threads; no more are read.
-                    self.closing.store(true, Ordering::SeqCst);
-                    return Ok(());
-                }
-                let payload_len = if req.has_payload() { req.length } else { 0 };
-                let max = if req.kind == cmd::NEARFS_LOAD {
-                    MAX_OBJECT + 2 + u16::MAX as u32
-                } else {
-                    wire::MAX_PAYLOAD
-                };
-                if payload_len > max {
-                    // The payload is not read, so nothing after it can be: reply and close.
-                    self.send(
-                        &req,
-                        Reply::Error(errno::EOVERFLOW, "payload too large".into()),
-                    )?;
-                    return Err(wire::invalid(format!("a payload of {payload_len} bytes")));
-                }
-                // Memory for the payload, or for a read's reply.
-                let need = match req.kind {
-                    cmd::READ => req.length.min(wire::MAX_PAYLOAD) as u64,
-                    _ => payload_len as u64,
-                };
-                let taken = self.shared.memory.take(need);
-                let payload = wire::read_vec(&mut *r, payload_len, max)?;
-                (req, payload, taken)
-            };
-            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.handle(&req, &payload)
-            }))
-            .unwrap_or_else(|_| {
-                tracing::error!(kind = req.kind, "a request panicked");
-                Reply::Error(errno::EIO, "internal error".into())
-            });
-            drop(payload);
-            self.send(&req, reply)?;
-            drop(taken);
+                let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.handle(&req, body, &mut buf)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!(kind = req.kind, "a request panicked");
+                    Reply::Error(errno::EIO, "internal error".into())
+                });
+                let sent = self.send(&req, reply, &mut buf);
+                *lock(&self.active) -= 1;
+                self.idle.notify_all();
+                sent?;
+            }
         })();
         if result.is_err() || self.closing.load(Ordering::SeqCst) {
-            // The other threads of this connection stop too.
-            self.closing.store(true, Ordering::SeqCst);
-            let _ = self.socket.shutdown(Shutdown::Read);
+            // The other threads of this connection stop too; half a reply may be on the
+            // wire, so nothing more is sent either.
+            self.close();
         }
         result
     }
 
-    fn handle(&self, req: &Request, payload: &[u8]) -> Reply {
+    /// Reads what follows a request's header. A long write goes to the device piece by
+    /// piece as it arrives; an extension payload waits for memory first.
+    fn body<'a>(
+        &'a self,
+        r: &mut BufReader<TcpStream>,
+        req: &Request,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Body<'a>> {
+        if !req.has_payload() {
+            return Ok(Body::None);
+        }
+        let len = req.length as usize;
+        let max = match req.kind {
+            cmd::NEARFS_LOAD => MAX_OBJECT + 2 + u16::MAX as u32,
+            _ => wire::MAX_PAYLOAD,
+        };
+        if req.length > max {
+            // The payload is not read, so nothing after it can be: reply and close.
+            self.send(
+                req,
+                Reply::Error(errno::EOVERFLOW, "payload too large".into()),
+                buf,
+            )?;
+            return Err(wire::invalid(format!("a payload of {len} bytes")));
+        }
+        if req.kind != cmd::WRITE {
+            let extra = if req.kind == cmd::NEARFS_RUN {
+                RUN_MEMORY
+            } else {
+                0
+            };
+            let taken = self.shared.memory.take(len as u64 + extra);
+            let payload = wire::read_vec(r, req.length, max)?;
+            return Ok(Body::Extension(payload, taken));
+        }
+        if buf.len() < len.min(PIECE) {
+            buf.resize(len.min(PIECE), 0);
+        }
+        if len <= PIECE {
+            r.read_exact(&mut buf[..len])?;
+            return Ok(Body::Buffered(len));
+        }
+        let mut outcome = self.refuse_write(req);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            r.read_exact(&mut buf[..n])?;
+            if outcome.is_none()
+                && let Err(e) = self
+                    .shared
+                    .export
+                    .device
+                    .write_at(&buf[..n], req.offset + done as u64)
+            {
+                outcome = Some(Reply::Error(errno::EIO, e.to_string()));
+            }
+            done += n;
+        }
+        Ok(Body::Streamed(outcome.unwrap_or(Reply::Ok)))
+    }
+
+    /// Why a write-like request may not be done, if it may not.
+    fn refuse_write(&self, req: &Request) -> Option<Reply> {
         let export = &self.shared.export;
-        let dev = export.device.as_ref();
+        if export.read_only {
+            return Some(Reply::Error(errno::EPERM, "the export is read-only".into()));
+        }
+        let inside = req
+            .offset
+            .checked_add(req.length as u64)
+            .is_some_and(|end| end <= export.device.len());
+        (!inside).then(|| {
+            Reply::Error(
+                errno::ENOSPC,
+                format!(
+                    "[{}, +{}) is past the end of the export",
+                    req.offset, req.length
+                ),
+            )
+        })
+    }
+
+    fn handle(&self, req: &Request, body: Body<'_>, buf: &mut Vec<u8>) -> Reply {
+        let dev = self.shared.export.device.as_ref();
         if req.flags & !cmd_flag::KNOWN != 0 {
             return Reply::Error(
                 errno::EINVAL,
                 format!("unknown command flags {:#x}", req.flags),
             );
         }
-        let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
-        if writes && export.read_only {
-            return Reply::Error(errno::EPERM, "the export is read-only".into());
-        }
-        let inside = req
-            .offset
-            .checked_add(req.length as u64)
-            .is_some_and(|end| end <= dev.len());
         let io_error = |e: io::Error| Reply::Error(errno::EIO, e.to_string());
-        match req.kind {
-            cmd::READ if req.length > wire::MAX_PAYLOAD => Reply::Error(
+        let fua = |r: io::Result<()>| {
+            r.and_then(|()| self.fua(req))
+                .map_or_else(io_error, |()| Reply::Ok)
+        };
+        let extension = matches!(
+            req.kind,
+            cmd::NEARFS_LOAD | cmd::NEARFS_RUN | cmd::NEARFS_UNLOAD | cmd::NEARFS_FENCE
+        );
+        if extension && self.owner().is_none() {
+            return Reply::Error(
+                errno::EINVAL,
+                "the appcode extension was not negotiated".into(),
+            );
+        }
+        match (req.kind, body) {
+            (cmd::READ, _) if req.length > wire::MAX_PAYLOAD => Reply::Error(
                 errno::EOVERFLOW,
                 format!("reads are at most {} bytes", wire::MAX_PAYLOAD),
             ),
-            cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES if !inside => {
-                let e = if writes { errno::ENOSPC } else { errno::EINVAL };
+            (cmd::READ, _)
+                if req
+                    .offset
+                    .checked_add(req.length as u64)
+                    .is_none_or(|end| end > dev.len()) =>
+            {
                 Reply::Error(
-                    e,
+                    errno::EINVAL,
                     format!(
                         "[{}, +{}) is past the end of the export",
                         req.offset, req.length
                     ),
                 )
             }
-            cmd::READ => {
-                let mut b = vec![0; DATA_HEADROOM + req.length as usize];
-                match dev.read_at(&mut b[DATA_HEADROOM..], req.offset) {
-                    Ok(()) => Reply::Data(b),
+            (cmd::READ, _) if req.length as usize > PIECE => Reply::Stream,
+            (cmd::READ, _) => {
+                let n = DATA_HEADROOM + req.length as usize;
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                match dev.read_at(&mut buf[DATA_HEADROOM..n], req.offset) {
+                    Ok(()) => Reply::Data,
                     Err(e) => io_error(e),
                 }
             }
-            cmd::WRITE => {
-                let r = dev
-                    .write_at(payload, req.offset)
-                    .and_then(|()| self.fua(req));
-                r.map_or_else(io_error, |()| Reply::Ok)
-            }
-            cmd::FLUSH => dev.flush().map_or_else(io_error, |()| Reply::Ok),
-            cmd::TRIM => dev
-                .write_zeroes(req.offset, req.length as u64)
-                .and_then(|()| self.fua(req))
-                .map_or_else(io_error, |()| Reply::Ok),
-            cmd::WRITE_ZEROES => {
-                let r = if req.flags & cmd_flag::NO_HOLE != 0 {
-                    write_zero_bytes(dev, req.offset, req.length as u64)
-                } else {
-                    dev.write_zeroes(req.offset, req.length as u64)
-                };
-                r.and_then(|()| self.fua(req))
-                    .map_or_else(io_error, |()| Reply::Ok)
-            }
-            cmd::NEARFS_LOAD | cmd::NEARFS_RUN | cmd::NEARFS_UNLOAD
-                if self.negotiated.appcode.is_none() =>
-            {
-                Reply::Error(
-                    errno::EINVAL,
-                    "the appcode extension was not negotiated".into(),
+            (cmd::WRITE, Body::Streamed(reply)) => match reply {
+                Reply::Ok => fua(Ok(())),
+                refused => refused,
+            },
+            (cmd::WRITE, Body::Buffered(len)) => match self.refuse_write(req) {
+                Some(refused) => refused,
+                None => fua(dev.write_at(&buf[..len], req.offset)),
+            },
+            (cmd::FLUSH, _) => dev.flush().map_or_else(io_error, |()| Reply::Ok),
+            (cmd::TRIM | cmd::WRITE_ZEROES, _) => {
+                if let Some(refused) = self.refuse_write(req) {
+                    return refused;
+                }
+                let (at, len) = (req.offset, req.length as u64);
+                fua(
+                    if req.kind == cmd::WRITE_ZEROES && req.flags & cmd_flag::NO_HOLE != 0 {
+                        write_zero_bytes(dev, at, len)
+                    } else {
+                        dev.write_zeroes(at, len)
+                    },
                 )
             }
-            cmd::NEARFS_LOAD => self.load(payload),
-            cmd::NEARFS_RUN => self.run(payload),
-            cmd::NEARFS_UNLOAD => match lock(&self.programs).by_id.remove(&req.offset) {
+            (cmd::NEARFS_LOAD, Body::Extension(payload, _)) => self.load(&payload),
+            (cmd::NEARFS_RUN, Body::Extension(payload, _)) => self.run(&payload),
+            (cmd::NEARFS_UNLOAD, _) => match lock(&self.programs).by_id.remove(&req.offset) {
                 Some(_) => Reply::Ok,
                 None => Reply::Error(errno::ENOENT, "no such program".into()),
             },
-            k => Reply::Error(errno::EINVAL, format!("unknown command {k}")),
+            (cmd::NEARFS_FENCE, _) => self.fence(),
+            (k, _) => Reply::Error(errno::EINVAL, format!("unknown command {k}")),
         }
     }
 
@@ -655,6 +844,32 @@ impl Connection {
             self.shared.export.device.flush()?;
         }
         Ok(())
+    }
+
+    /// Closes every other connection of this connection's mount and waits until none of
+    /// their requests is still being handled: after the reply, nothing a mount sent on a
+    /// connection it gave up on can still change the export.
+    fn fence(&self) -> Reply {
+        let token = self.owner();
+        let others: Vec<Arc<Connection>> = lock(&self.shared.connections)
+            .values()
+            .filter(|c| c.id != self.id && c.owner() == token)
+            .cloned()
+            .collect();
+        for c in &others {
+            c.close();
+        }
+        for c in &others {
+            // Once the reader is free, every request of `c` that was read is counted in
+            // `active`, and no more will be read.
+            drop(lock(&c.reader));
+            let mut active = lock(&c.active);
+            while *active > 0 {
+                active = c.idle.wait(active).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        tracing::debug!(fenced = others.len(), "fence");
+        Reply::Ok
     }
 
     /// Verifies and compiles a program for this connection: the target trusts no client's
@@ -678,9 +893,7 @@ impl Connection {
                 let id = programs.next;
                 programs.by_id.insert(id, Arc::new(p));
                 tracing::info!(id, name, "program loaded for a client");
-                let mut b = Vec::new();
-                b.put_u64(id);
-                Reply::Chunks(vec![(chunk::NEARFS_PROGRAM, b)])
+                Reply::Program(id)
             }
             Err(e) => Reply::Error(errno::EINVAL, e.to_string()),
         }
@@ -715,29 +928,18 @@ impl Connection {
             range: req.range.clone(),
             writable: req.write,
         };
-        let mut outcome = program.run(
+        Reply::Run(program.run(
             world,
             &RunArgs {
                 arg: &req.arg,
                 limits,
             },
-        );
-        let mut chunks = Vec::new();
-        if let Ok(o) = &mut outcome {
-            for (i, piece) in o.output.chunks(OUTPUT_PIECE).enumerate() {
-                let mut b = Vec::with_capacity(8 + piece.len());
-                b.put_u64((i * OUTPUT_PIECE) as u64);
-                b.extend_from_slice(piece);
-                chunks.push((chunk::NEARFS_OUTPUT, b));
-            }
-        }
-        chunks.push((chunk::NEARFS_RESULT, appcode_ext::encode_result(&outcome)));
-        Reply::Chunks(chunks)
+        ))
     }
 
-    /// Sends a reply; one message (or one per chunk) under the writer's lock.
-    fn send(&self, req: &Request, reply: Reply) -> io::Result<()> {
-        let structured = self.negotiated.structured;
+    /// Sends a reply: one message (or one per chunk) under the writer's lock.
+    fn send(&self, req: &Request, reply: Reply, buf: &mut Vec<u8>) -> io::Result<()> {
+        let structured = self.negotiated().structured;
         let cookie = req.cookie;
         let header = |kind: u16, len: usize, done: bool| {
             Chunk {
@@ -764,8 +966,14 @@ impl Connection {
                 w.write_all(&b)
             }
             Reply::Error(e, _) => w.write_all(&wire::simple_reply(e, cookie)),
-            Reply::Data(mut b) if structured => {
-                let n = b.len() - DATA_HEADROOM;
+            Reply::Data => {
+                let n = req.length as usize;
+                let b = &mut buf[..DATA_HEADROOM + n];
+                if !structured {
+                    let start = DATA_HEADROOM - wire::SIMPLE_REPLY_SIZE;
+                    b[start..DATA_HEADROOM].copy_from_slice(&wire::simple_reply(0, cookie));
+                    return w.write_all(&b[start..]);
+                }
                 if n == 0 {
                     return w.write_all(&header(chunk::NONE, 0, true));
                 }
@@ -776,22 +984,55 @@ impl Connection {
                 ));
                 b[wire::CHUNK_HEADER_SIZE..DATA_HEADROOM]
                     .copy_from_slice(&req.offset.to_be_bytes());
-                w.write_all(&b)
+                w.write_all(b)
             }
-            Reply::Data(mut b) => {
-                let start = DATA_HEADROOM - wire::SIMPLE_REPLY_SIZE;
-                b[start..DATA_HEADROOM].copy_from_slice(&wire::simple_reply(0, cookie));
-                w.write_all(&b[start..])
-            }
-            Reply::Chunks(chunks) => {
-                // Only extension commands answer with chunks, and they need structured
-                // replies negotiated.
-                let last = chunks.len() - 1;
-                for (i, (kind, data)) in chunks.into_iter().enumerate() {
-                    w.write_all(&header(kind, data.len(), i == last))?;
-                    w.write_all(&data)?;
+            Reply::Stream => {
+                // The first piece is read before anything is sent, so that an error there
+                // is still an ordinary error reply.
+                let len = req.length as usize;
+                let dev = self.shared.export.device.as_ref();
+                if buf.len() < PIECE {
+                    buf.resize(PIECE, 0);
+                }
+                if let Err(e) = dev.read_at(&mut buf[..PIECE], req.offset) {
+                    drop(w);
+                    return self.send(req, Reply::Error(errno::EIO, e.to_string()), buf);
+                }
+                if structured {
+                    w.write_all(&header(chunk::OFFSET_DATA, 8 + len, true))?;
+                    w.write_all(&req.offset.to_be_bytes())?;
+                } else {
+                    w.write_all(&wire::simple_reply(0, cookie))?;
+                }
+                w.write_all(&buf[..PIECE])?;
+                let mut done = PIECE;
+                while done < len {
+                    let n = (len - done).min(PIECE);
+                    // Past the header an error can only end the connection (the protocol
+                    // says so for reads that fail half-way).
+                    dev.read_at(&mut buf[..n], req.offset + done as u64)?;
+                    w.write_all(&buf[..n])?;
+                    done += n;
                 }
                 Ok(())
+            }
+            Reply::Program(id) => {
+                let mut b = header(chunk::NEARFS_PROGRAM, 8, true).to_vec();
+                b.put_u64(id);
+                w.write_all(&b)
+            }
+            Reply::Run(outcome) => {
+                if let Ok(o) = &outcome {
+                    for (i, piece) in o.output.chunks(OUTPUT_PIECE).enumerate() {
+                        w.write_all(&header(chunk::NEARFS_OUTPUT, 8 + piece.len(), false))?;
+                        w.write_all(&((i * OUTPUT_PIECE) as u64).to_be_bytes())?;
+                        w.write_all(piece)?;
+                    }
+                }
+                let result = appcode_ext::encode_result(&outcome);
+                let mut b = header(chunk::NEARFS_RESULT, result.len(), true).to_vec();
+                b.extend_from_slice(&result);
+                w.write_all(&b)
             }
         }
     }

@@ -83,10 +83,11 @@ pub mod cmd {
     pub const FLUSH: u16 = 3;
     pub const TRIM: u16 = 4;
     pub const WRITE_ZEROES: u16 = 6;
-    /// Extension commands ("N@", "NA", "NB"): only after `opt::NEARFS_APPCODE`.
+    /// Extension commands ("N@" to "NC"): only after `opt::NEARFS_APPCODE`.
     pub const NEARFS_LOAD: u16 = 0x4e40;
     pub const NEARFS_RUN: u16 = 0x4e41;
     pub const NEARFS_UNLOAD: u16 = 0x4e42;
+    pub const NEARFS_FENCE: u16 = 0x4e43;
 }
 
 /// Command flags.

@@ -5,9 +5,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use appcode::{Extent, Limits, Mode, Program, Request, RunError, World};
 use blockdev::{BlockDevice, MemDevice};
@@ -549,4 +549,362 @@ fn random_bytes_never_take_the_server_down() {
     let mut b = [0; 8];
     dev.read_at(&mut b, 0).unwrap();
     assert_eq!(&b, b"precious");
+}
+
+/// A raw connection of the mount with `token`, in transmission.
+fn raw_owner(addr: SocketAddr, token: u64) -> TcpStream {
+    let mut s = raw_handshake(addr);
+    wire::write_option(&mut s, opt::STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    let mut ext = Vec::new();
+    ext.put_u32(1);
+    ext.put_u64(token);
+    wire::write_option(&mut s, opt::NEARFS_APPCODE, &ext).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    let mut go = Vec::new();
+    go.put_u32(0);
+    go.put_u16(0);
+    wire::write_option(&mut s, opt::GO, &go).unwrap();
+    while option_reply(&mut s).0 != rep::ACK {}
+    s
+}
+
+fn header(kind: u16, offset: u64, length: u32) -> [u8; wire::REQUEST_SIZE] {
+    wire::Request {
+        flags: 0,
+        kind,
+        cookie: 7,
+        offset,
+        length,
+    }
+    .encode()
+}
+
+#[test]
+fn a_claim_is_given_back_however_the_handshake_ends() {
+    let t = Target::start(1 << 20, Config::default());
+    // Claimed, then aborted.
+    let mut s = raw_handshake(t.addr);
+    wire::write_option(&mut s, opt::STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    let mut ext = Vec::new();
+    ext.put_u32(1);
+    ext.put_u64(0xbad);
+    wire::write_option(&mut s, opt::NEARFS_APPCODE, &ext).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    wire::write_option(&mut s, opt::ABORT, &[]).unwrap();
+    assert_eq!(option_reply(&mut s).0, rep::ACK);
+    assert!(closed(&mut s));
+    // Claimed by a mount that named an export the server lacks.
+    let wrong = NbdUrl::parse(&format!("nbd://127.0.0.1:{}/nope", t.addr.port()))
+        .unwrap()
+        .unwrap();
+    let options = Options {
+        appcode: Some(5),
+        ..Options::default()
+    };
+    let e = NbdDevice::connect(&wrong, options).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    // Neither holds the export now (the server lets go as the connections end).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match NbdDevice::connect(
+            &t.url(),
+            Options {
+                appcode: Some(6),
+                ..Options::default()
+            },
+        ) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("the export stayed claimed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn stalled_payloads_and_unread_replies_hold_only_their_own_connection() {
+    let t = Target::start(64 << 20, Config::default());
+    let dev = t.client(None);
+    // Sixteen writes of 32 MiB that never send their bytes, and four clients that ask
+    // for 32 MiB eight times and never read.
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let mut s = raw_transmission(t.addr);
+        s.write_all(&header(cmd::WRITE, 0, wire::MAX_PAYLOAD))
+            .unwrap();
+        stalled.push(s);
+    }
+    for _ in 0..4 {
+        let mut s = raw_transmission(t.addr);
+        for _ in 0..8 {
+            s.write_all(&header(cmd::READ, 0, wire::MAX_PAYLOAD))
+                .unwrap();
+        }
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    dev.write_at(b"honest", 4096).unwrap();
+    let mut b = [0; 6];
+    dev.read_at(&mut b, 4096).unwrap();
+    assert_eq!(&b, b"honest");
+}
+
+#[test]
+fn the_handshake_has_one_deadline_however_slowly_it_comes() {
+    let t = Target::start(
+        1 << 20,
+        Config {
+            handshake_timeout: Duration::from_millis(500),
+            ..Config::default()
+        },
+    );
+    let mut s = raw_handshake(t.addr);
+    let mut b = Vec::new();
+    b.put_u64(wire::IHAVEOPT);
+    b.put_u32(0x7777);
+    b.put_u32(60_000);
+    s.write_all(&b).unwrap();
+    // A byte every 100 ms: each read is quick, the handshake never ends. The server
+    // closes it; writes then fail and reads end.
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        if s.write_all(&[0]).is_err() {
+            break;
+        }
+    }
+    assert!(closed(&mut s));
+}
+
+#[test]
+fn a_run_the_mount_gave_up_on_cannot_land_after_its_next_request() {
+    let t = Target::start(8 << 20, Config::default());
+    let token = 1;
+    let dev = NbdDevice::connect(
+        &t.url(),
+        Options {
+            appcode: Some(token),
+            timeout: Duration::from_secs(1),
+            connections: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    t.device.write_at(&kv_file(64), 1 << 20).unwrap();
+    let extents = [Extent {
+        file_off: 0,
+        dev_off: 1 << 20,
+        len: 4096,
+        unwritten: false,
+    }];
+    let object = common::compile_file(&common::progs_dir().join("kv_increment.c"), "v3");
+    let remote = RemoteProgram::new("", object);
+    let arg = kv_arg(3);
+    let req = Request {
+        arg: &arg,
+        limits: Limits {
+            wall: Duration::from_millis(100),
+            ..Limits::default()
+        },
+    };
+    let world = || RemoteWorld {
+        extents: &extents,
+        file_size: 4096,
+        range: 0..4096,
+        writable: true,
+    };
+    let counter = || {
+        let mut c = [0u8; 8];
+        t.device.read_at(&mut c, (1 << 20) + 3 * 64 + 56).unwrap();
+        u64::from_le_bytes(c)
+    };
+    assert_eq!(dev.run(&remote, world(), &req).unwrap().unwrap().result, 31);
+    // Connections of the same mount that start RUNs and LOADs and never send their payloads hold
+    // the target's memory for runs: the next run waits at the target, and the mount
+    // gives up on it.
+    // (Nine RUNs of 52 MiB and eight LOADs of 4 MiB leave less than a run needs of the
+    // 512 MiB.)
+    let mut stalled = Vec::new();
+    for i in 0..17 {
+        let mut s = raw_owner(t.addr, token);
+        let h = if i < 9 {
+            header(cmd::NEARFS_RUN, 0, wire::MAX_PAYLOAD)
+        } else {
+            header(cmd::NEARFS_LOAD, 0, nbd::server::MAX_OBJECT)
+        };
+        s.write_all(&h).unwrap();
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = dev.run(&remote, world(), &req).unwrap();
+    assert!(matches!(r, Err(RunError::Io(_))), "{r:?}");
+    // The next request fences: the abandoned run is finished or dropped before it is
+    // answered, and nothing changes after.
+    let mut b = [0; 8];
+    dev.read_at(&mut b, 1 << 20).unwrap();
+    // Whatever held the target up lets go now; without the fence the abandoned run would
+    // go on from here.
+    drop(stalled);
+    let after = counter();
+    assert!(after == 31 || after == 32, "counter {after}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(counter(), after, "a run the mount gave up on landed later");
+}
+
+/// A minimal NBD server that answers the handshake, then hands each request to `f`.
+fn hostile(f: impl Fn(&mut TcpStream, wire::Request) + Send + Sync + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(f);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let _ = (|| -> std::io::Result<()> {
+                    let mut hello = Vec::new();
+                    hello.put_u64(wire::NBDMAGIC);
+                    hello.put_u64(wire::IHAVEOPT);
+                    hello.put_u16(3);
+                    s.write_all(&hello)?;
+                    wire::read_u32(&mut s)?;
+                    loop {
+                        wire::read_u64(&mut s)?;
+                        let o = wire::read_u32(&mut s)?;
+                        let len = wire::read_u32(&mut s)?;
+                        wire::read_vec(&mut s, len, 1 << 20)?;
+                        if o == opt::GO {
+                            let mut b = Vec::new();
+                            b.put_u16(0);
+                            b.put_u64(1 << 20);
+                            b.put_u16(1 | (1 << 8));
+                            wire::write_option_reply(&mut s, o, rep::INFO, &b)?;
+                            wire::write_option_reply(&mut s, o, rep::ACK, &[])?;
+                            break;
+                        }
+                        wire::write_option_reply(&mut s, o, rep::ACK, &[])?;
+                    }
+                    loop {
+                        let h = wire::read_array::<28>(&mut s)?;
+                        let r = wire::Request::decode(&h).unwrap();
+                        if r.has_payload() {
+                            wire::read_vec(&mut s, r.length, 1 << 26)?;
+                        }
+                        f(&mut s, r);
+                    }
+                })();
+            });
+        }
+    });
+    addr
+}
+
+fn chunk(
+    s: &mut TcpStream,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let h = wire::Chunk {
+        flags,
+        kind,
+        cookie,
+        length: data.len() as u32,
+    };
+    s.write_all(&h.encode())?;
+    s.write_all(data)
+}
+
+fn hostile_client(addr: SocketAddr, appcode: Option<u64>) -> NbdDevice {
+    let url = NbdUrl::parse(&format!("nbd://{addr}/")).unwrap().unwrap();
+    let options = Options {
+        appcode,
+        timeout: Duration::from_secs(1),
+        ..Options::default()
+    };
+    NbdDevice::connect(&url, options).unwrap()
+}
+
+#[test]
+fn a_server_cannot_hand_back_bytes_it_never_sent() {
+    // Two chunks over the same half: the other half would be the caller's old bytes.
+    let addr = hostile(|s, r| {
+        let mut b = Vec::new();
+        b.put_u64(r.offset);
+        b.put_u32(r.length / 2);
+        let _ = chunk(s, 0, wire::chunk::OFFSET_HOLE, r.cookie, &b);
+        let _ = chunk(s, 1, wire::chunk::OFFSET_HOLE, r.cookie, &b);
+    });
+    let dev = hostile_client(addr, None);
+    let mut buf = [0xaa; 8];
+    assert!(dev.read_at(&mut buf, 0).is_err(), "accepted: {buf:?}");
+}
+
+#[test]
+fn a_server_that_never_finishes_a_reply_cannot_hang_the_client() {
+    let addr = hostile(|s, r| {
+        while chunk(s, 0, wire::chunk::NONE, r.cookie, &[]).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let dev = Arc::new(hostile_client(addr, None));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dev.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(d.read_at(&mut [0; 8], 0).is_err());
+    });
+    let failed = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read is still waiting after 30 s with a 1 s timeout");
+    assert!(failed);
+}
+
+#[test]
+fn a_server_cannot_send_more_output_than_the_run_allows() {
+    let addr = hostile(|s, r| match r.kind {
+        cmd::NEARFS_LOAD => {
+            let _ = chunk(
+                s,
+                1,
+                wire::chunk::NEARFS_PROGRAM,
+                r.cookie,
+                &1u64.to_be_bytes(),
+            );
+        }
+        cmd::NEARFS_RUN => {
+            let piece = vec![0x55u8; 1 << 20];
+            for i in 0..64u64 {
+                let mut b = Vec::with_capacity(8 + piece.len());
+                b.put_u64(i << 20);
+                b.extend_from_slice(&piece);
+                if chunk(s, 0, wire::chunk::NEARFS_OUTPUT, r.cookie, &b).is_err() {
+                    return;
+                }
+            }
+        }
+        _ => {
+            let _ = s.write_all(&wire::simple_reply(0, r.cookie));
+        }
+    });
+    let dev = hostile_client(addr, Some(1));
+    let remote = RemoteProgram::new("", vec![0; 16]);
+    let req = Request {
+        arg: &[],
+        limits: Limits {
+            output_bytes: 1024,
+            ..Limits::default()
+        },
+    };
+    let world = RemoteWorld {
+        extents: &[],
+        file_size: 0,
+        range: 0..0,
+        writable: false,
+    };
+    let r = dev.run(&remote, world, &req).unwrap();
+    assert!(matches!(r, Err(RunError::Io(_))), "{r:?}");
 }
