@@ -49,6 +49,17 @@ pub fn pause(delay: Duration) {
         }
         std::thread::sleep(delay - SPIN_TAIL);
     }
+    spin_until(deadline);
+}
+
+/// Waits `delay` on the CPU alone: exact to a fraction of a microsecond where a sleeping
+/// thread can wake tens of microseconds late. For emulating network round trips, whose
+/// length is what is measured.
+pub fn spin(delay: Duration) {
+    spin_until(Instant::now() + delay);
+}
+
+fn spin_until(deadline: Instant) {
     while Instant::now() < deadline {
         std::hint::spin_loop();
     }

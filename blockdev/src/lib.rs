@@ -19,7 +19,7 @@ use std::io;
 pub use crash::{CrashDevice, WriteLog};
 pub use fault::{FaultMode, FaultyDevice};
 pub use file::{FileDevice, OpenOptions};
-pub use latency::{LatencyDevice, pause};
+pub use latency::{LatencyDevice, pause, spin};
 pub use mem::MemDevice;
 
 /// A byte-addressed device of fixed length.

@@ -19,6 +19,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Smallest device mkfs accepts: room for the metadata region and some data.
 pub const MIN_DEVICE_BYTES: u64 = 16 << 20;
 
+/// Where on the device the filesystem's uuid lies: bytes that name one filesystem and
+/// never change after mkfs (a mount over the network checks them on every reconnect).
+pub const UUID_BYTES: std::ops::Range<u64> = sb::UUID as u64..sb::UUID as u64 + 16;
+
 /// Byte offsets of the superblock's fields (all little-endian).
 mod sb {
     pub const MAGIC: usize = 0;

@@ -374,7 +374,10 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
                 // This mount's claim on the export: one mount owns it at a time.
                 appcode: Some(mount_token()),
             };
-            Some(connect_nbd(&url?, options)?)
+            let target = connect_nbd(&url?, options)?;
+            let at = extents::format::UUID_BYTES;
+            target.pin(at.start, (at.end - at.start) as usize)?;
+            Some(target)
         }
         None => None,
     };

@@ -79,8 +79,8 @@ impl fmt::Display for NbdUrl {
 pub struct Options {
     /// Connections at most (one if the server does not allow several).
     pub connections: usize,
-    /// Added to every round trip, to emulate a network farther away than this one (the
-    /// kernel here has no netem).
+    /// Added to every round trip (spun on the CPU), to emulate a network farther away than
+    /// this one (the kernel here has no netem).
     pub delay: Duration,
     /// How long one request, or connecting, may take before it fails.
     pub timeout: Duration,
@@ -165,6 +165,8 @@ pub struct NbdDevice {
     /// Odd after a failure until a new connection fenced; connections opened before the
     /// last fence are not used (see [`NbdDevice::failed`]).
     fence: Mutex<u64>,
+    /// Bytes every new connection must find where they were (see [`NbdDevice::pin`]).
+    pinned: Mutex<Option<(u64, Vec<u8>)>>,
     counters: Arc<Counters>,
 }
 
@@ -214,6 +216,7 @@ impl NbdDevice {
             }),
             returned: Condvar::new(),
             fence: Mutex::new(0),
+            pinned: Mutex::new(None),
             counters,
         })
     }
@@ -233,6 +236,17 @@ impl NbdDevice {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Records the `len` bytes at `offset` (a filesystem's uuid): every connection opened
+    /// later reads them first and is refused if they differ. A server restarted on
+    /// another image of the same size, at the same address, gets no write from this
+    /// device.
+    pub fn pin(&self, offset: u64, len: usize) -> io::Result<()> {
+        let mut b = vec![0; len];
+        self.read_at(&mut b, offset)?;
+        *lock(&self.pinned) = Some((offset, b));
+        Ok(())
     }
 
     /// Runs `f` on a connection; a connection that failed is closed rather than given back.
@@ -291,6 +305,18 @@ impl NbdDevice {
                 "{} changed while it was in use (size or extension)",
                 self.url
             )));
+        }
+        let pinned = lock(&self.pinned).clone();
+        if let Some((at, want)) = pinned {
+            let mut got = vec![0; want.len()];
+            c.read(&mut got, at)?;
+            if got != want {
+                return Err(io::Error::other(format!(
+                    "{} now holds another filesystem (its identifying bytes changed); \
+                     nothing more is sent to it",
+                    self.url
+                )));
+            }
         }
         let mut generation = lock(&self.fence);
         if !generation.is_multiple_of(2) {
@@ -458,23 +484,7 @@ impl Conn {
     /// Whether an idle connection can no longer be used: the server closed it (end of
     /// stream, a reset) or sent something unasked. An idle connection has nothing to read.
     fn closed_by_server(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        if !self.reader.buffer().is_empty() {
-            return true;
-        }
-        let mut b = 0u8;
-        // SAFETY: recv writes at most 1 byte into `b`, which lives across the call; the
-        // descriptor belongs to `self.stream`. MSG_PEEK leaves the byte where it is and
-        // MSG_DONTWAIT makes the call return at once, so one system call checks.
-        let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                (&mut b as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        !(n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+        !self.reader.buffer().is_empty() || wire::readable_now(&self.stream) != Some(false)
     }
 
     fn open(url: &NbdUrl, options: &Options, counters: &Arc<Counters>) -> io::Result<Conn> {
@@ -538,7 +548,9 @@ impl Conn {
         time: Duration,
     ) -> io::Result<u64> {
         if !self.delay.is_zero() {
-            blockdev::pause(self.delay);
+            // Spun, not slept: a sleep here wakes tens of microseconds late, which would
+            // be most of the round trip being emulated.
+            blockdev::spin(self.delay);
         }
         self.deadline = Instant::now() + time;
         if self.read_timeout != time {

@@ -9,7 +9,7 @@
 //! protocol is disconnected, and what one connection loads and runs is its own (DESIGN.md,
 //! invariant 7).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -527,8 +527,8 @@ impl fmt::Debug for Connection {
 /// What a request brought with it beyond its header.
 enum Body<'a> {
     None,
-    /// A write's bytes: this many at the start of the thread's buffer.
-    Buffered(usize),
+    /// A write's bytes.
+    Buffered(Vec<u8>),
     /// A long write, already streamed to the device piece by piece (or refused, its
     /// payload read and dropped).
     Streamed(Reply),
@@ -594,11 +594,15 @@ impl Connection {
             return Ok(());
         };
         let _ = self.negotiated.set(negotiated);
+        let helpers = self.shared.config.threads.max(1) - 1;
+        let jobs = Jobs::default();
         std::thread::scope(|s| {
-            for _ in 1..self.shared.config.threads.max(1) {
-                s.spawn(|| self.work());
+            for _ in 0..helpers {
+                s.spawn(|| self.help(&jobs));
             }
-            self.work()
+            let r = self.read_requests(&jobs, helpers > 0);
+            jobs.finish();
+            r
         })
     }
 
@@ -619,13 +623,16 @@ impl Connection {
         let _ = self.socket.shutdown(Shutdown::Both);
     }
 
-    /// One of the connection's threads: reads a request, handles it, replies; until the
-    /// client disconnects or breaks the protocol.
-    fn work(&self) -> io::Result<()> {
+    /// The connection's reader: reads requests until the client leaves or breaks the
+    /// protocol. A request is answered right here unless another is already waiting behind
+    /// it or it may take long (a flush, a run): then it goes to the connection's other
+    /// threads and the reader reads on. A lone request thus costs no hand-over between
+    /// threads, and requests in flight together are handled together.
+    fn read_requests<'a>(&'a self, jobs: &Jobs<'a>, helped: bool) -> io::Result<()> {
         let mut buf = Vec::new();
         let result = (|| {
             loop {
-                let (req, body) = {
+                let (req, body, more) = {
                     let mut r = lock(&self.reader);
                     if self.closing.load(Ordering::SeqCst) {
                         return Ok(());
@@ -648,19 +655,15 @@ impl Connection {
                     // Counted before the reader is let go: a fence that got the reader
                     // after this sees it.
                     *lock(&self.active) += 1;
-                    (req, body)
+                    let more =
+                        !r.buffer().is_empty() || wire::readable_now(r.get_ref()) == Some(true);
+                    (req, body, more)
                 };
-                let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.handle(&req, body, &mut buf)
-                }))
-                .unwrap_or_else(|_| {
-                    tracing::error!(kind = req.kind, "a request panicked");
-                    Reply::Error(errno::EIO, "internal error".into())
-                });
-                let sent = self.send(&req, reply, &mut buf);
-                *lock(&self.active) -= 1;
-                self.idle.notify_all();
-                sent?;
+                if helped && (more || slow(&req)) {
+                    jobs.push(req, body);
+                } else {
+                    self.answer(&req, body, &mut buf)?;
+                }
             }
         })();
         if result.is_err() || self.closing.load(Ordering::SeqCst) {
@@ -669,6 +672,31 @@ impl Connection {
             self.close();
         }
         result
+    }
+
+    /// One of the connection's other threads: answers what the reader hands over, until
+    /// it stops and nothing is left.
+    fn help<'a>(&'a self, jobs: &Jobs<'a>) {
+        let mut buf = Vec::new();
+        while let Some((req, body)) = jobs.pop() {
+            if self.answer(&req, body, &mut buf).is_err() {
+                self.close();
+            }
+        }
+    }
+
+    /// Handles a request that was read and sends its reply.
+    fn answer(&self, req: &Request, body: Body<'_>, buf: &mut Vec<u8>) -> io::Result<()> {
+        let reply =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(req, body, buf)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(kind = req.kind, "a request panicked");
+                    Reply::Error(errno::EIO, "internal error".into())
+                });
+        let sent = self.send(req, reply, buf);
+        *lock(&self.active) -= 1;
+        self.idle.notify_all();
+        sent
     }
 
     /// Reads what follows a request's header. A long write goes to the device piece by
@@ -706,12 +734,18 @@ impl Connection {
             let payload = wire::read_vec(r, req.length, max)?;
             return Ok(Body::Extension(payload, taken));
         }
-        if buf.len() < len.min(PIECE) {
-            buf.resize(len.min(PIECE), 0);
-        }
         if len <= PIECE {
-            r.read_exact(&mut buf[..len])?;
-            return Ok(Body::Buffered(len));
+            // Read into a vector of its own (the request may be answered by another
+            // thread), without zeroing it first.
+            let mut data = Vec::with_capacity(len);
+            r.take(len as u64).read_to_end(&mut data)?;
+            if data.len() < len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            return Ok(Body::Buffered(data));
+        }
+        if buf.len() < PIECE {
+            buf.resize(PIECE, 0);
         }
         let mut outcome = self.refuse_write(req);
         let mut done = 0;
@@ -810,9 +844,9 @@ impl Connection {
                 Reply::Ok => fua(Ok(())),
                 refused => refused,
             },
-            (cmd::WRITE, Body::Buffered(len)) => match self.refuse_write(req) {
+            (cmd::WRITE, Body::Buffered(data)) => match self.refuse_write(req) {
                 Some(refused) => refused,
-                None => fua(dev.write_at(&buf[..len], req.offset)),
+                None => fua(dev.write_at(&data, req.offset)),
             },
             (cmd::FLUSH, _) => dev.flush().map_or_else(io_error, |()| Reply::Ok),
             (cmd::TRIM | cmd::WRITE_ZEROES, _) => {
@@ -1035,6 +1069,57 @@ impl Connection {
                 w.write_all(&b)
             }
         }
+    }
+}
+
+/// Requests that may take long: the reader never waits for them.
+fn slow(req: &Request) -> bool {
+    match req.kind {
+        cmd::READ | cmd::WRITE => req.length as usize > PIECE,
+        _ => true,
+    }
+}
+
+/// Requests the reader hands to the connection's other threads.
+struct Jobs<'a> {
+    list: Mutex<(VecDeque<(Request, Body<'a>)>, bool)>,
+    ready: Condvar,
+}
+
+impl Default for Jobs<'_> {
+    fn default() -> Self {
+        Jobs {
+            list: Mutex::new((VecDeque::new(), false)),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl<'a> Jobs<'a> {
+    fn push(&self, req: Request, body: Body<'a>) {
+        lock(&self.list).0.push_back((req, body));
+        self.ready.notify_one();
+    }
+
+    /// The next request, waiting for one; `None` once the reader stopped and none is
+    /// left.
+    fn pop(&self) -> Option<(Request, Body<'a>)> {
+        let mut list = lock(&self.list);
+        loop {
+            if let Some(job) = list.0.pop_front() {
+                return Some(job);
+            }
+            if list.1 {
+                return None;
+            }
+            list = self.ready.wait(list).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more requests come.
+    fn finish(&self) {
+        lock(&self.list).1 = true;
+        self.ready.notify_all();
     }
 }
 

@@ -313,6 +313,30 @@ pub fn keep_alive(s: &std::net::TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether bytes can be read from `s` without waiting: `Some(true)` if some are there,
+/// `Some(false)` if none are yet, `None` if the peer closed or the socket failed. One
+/// system call; nothing is consumed.
+pub fn readable_now(s: &std::net::TcpStream) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    let mut b = 0u8;
+    // SAFETY: recv writes at most 1 byte into `b`, which lives across the call; the
+    // descriptor belongs to `s`. MSG_PEEK leaves the byte where it is and MSG_DONTWAIT
+    // makes the call return at once.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        1 => Some(true),
+        n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => Some(false),
+        _ => None,
+    }
+}
+
 pub fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }

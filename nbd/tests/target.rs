@@ -908,3 +908,29 @@ fn a_server_cannot_send_more_output_than_the_run_allows() {
     let r = dev.run(&remote, world, &req).unwrap();
     assert!(matches!(r, Err(RunError::Io(_))), "{r:?}");
 }
+
+#[test]
+fn a_pinned_device_refuses_a_target_that_came_back_with_another_image() {
+    let device = Arc::new(MemDevice::new(1 << 20));
+    device.write_at(b"uuid-one", 16).unwrap();
+    let t = Target::on(device.clone(), Config::default(), "0");
+    let port = t.addr.port();
+    let dev = t.client(None);
+    dev.pin(16, 8).unwrap();
+    drop(t);
+    // Another image of the same size at the same address: nothing is read or written.
+    let other = Arc::new(MemDevice::new(1 << 20));
+    other.write_at(b"uuid-two", 16).unwrap();
+    let t = Target::on(other.clone(), Config::default(), &port.to_string());
+    let e = dev.write_at(b"late", 4096).unwrap_err();
+    assert!(e.to_string().contains("another filesystem"), "{e}");
+    let mut b = [0; 4];
+    other.read_at(&mut b, 4096).unwrap();
+    assert_eq!(&b, &[0; 4]);
+    drop(t);
+    // The right one again: served as before.
+    let _t = Target::on(device.clone(), Config::default(), &port.to_string());
+    dev.write_at(b"late", 4096).unwrap();
+    device.read_at(&mut b, 4096).unwrap();
+    assert_eq!(&b, b"late");
+}
