@@ -94,9 +94,10 @@ pub struct Row {
 /// A tree of one depth, on the mount and as a host copy.
 pub struct Tree {
     pub depth: usize,
-    name: String,
+    /// The file's name, on the mount and in the host directory.
+    pub name: String,
     /// `(key, value, file offsets of the nodes a lookup reads)`.
-    samples: Vec<(u64, u64, Vec<u64>)>,
+    pub samples: Vec<(u64, u64, Vec<u64>)>,
     /// Device offsets of the same nodes, once the file is on the mount.
     device_paths: Vec<Vec<u64>>,
 }
@@ -104,17 +105,30 @@ pub struct Tree {
 /// Writes one tree per depth (each node filled to `plan.fill` keys, so that depth 6 stays
 /// small) to the mount and the host directory.
 pub fn prepare(plan: &Plan, work: &Work, m: &Mounted) -> Result<Vec<Tree>> {
+    write_trees(plan.fill, plan.max_depth, m, Some(&work.host))
+}
+
+/// Trees of depth 1 to `max_depth` with `fill` keys per node, written to the mount and,
+/// if given, to a host directory.
+pub fn write_trees(
+    fill: usize,
+    max_depth: usize,
+    m: &Mounted,
+    host: Option<&std::path::Path>,
+) -> Result<Vec<Tree>> {
     let mut trees = Vec::new();
-    for depth in 1..=plan.max_depth {
-        let keys = (plan.fill as u64).pow(depth as u32);
+    for depth in 1..=max_depth {
+        let keys = (fill as u64).pow(depth as u32);
         let pairs: Vec<(u64, u64)> = (0..keys).map(|i| (i * 16 + 5, i * 3)).collect();
-        let (bytes, built) = btree::build(&pairs, plan.fill);
+        let (bytes, built) = btree::build(&pairs, fill);
         if built != depth {
             bail!("a tree of {keys} keys came out {built} deep, not {depth}");
         }
         let name = format!("tree-{depth}.db");
         std::fs::write(m.path(&name), &bytes)?;
-        std::fs::write(work.host.join(&name), &bytes)?;
+        if let Some(host) = host {
+            std::fs::write(host.join(&name), &bytes)?;
+        }
         let mut rng = Rng::new(depth as u64);
         let mut samples = Vec::with_capacity(SAMPLES);
         for _ in 0..SAMPLES {

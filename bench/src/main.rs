@@ -3,15 +3,18 @@
 //! It makes an image, mounts nearfs over it (again for each injected device latency), writes
 //! its data to the mount and to the host filesystem, and measures side by side in one run:
 //! dependent lookups ([`lookups`]), scans ([`scans`]), read-modify-write ([`rmw`]) and the
-//! runtime's own costs ([`overheads`]). Every operation's answer is checked as it runs.
+//! runtime's own costs ([`overheads`]); then the same kinds of operation over NBD, by the
+//! application, in the daemon and at the storage target, and plain block service against
+//! other NBD servers ([`remote`]). Every operation's answer is checked as it runs.
 //! It writes `results.json` and PNG plots into `--out`, prints the Markdown tables, and
-//! with `--docs FILE` puts them between the `bench` markers of FILE.
+//! with `--docs FILE` puts them between the `bench` (and `bench-remote`) markers of FILE.
 //! `scripts/bench.sh` builds it and runs it.
 
 mod lookups;
 mod measure;
 mod overheads;
 mod plot;
+mod remote;
 mod report;
 mod rmw;
 mod scans;
@@ -47,6 +50,18 @@ struct Args {
     /// Measure nothing: draw the plots and tables again from this results.json.
     #[arg(long, value_name = "RESULTS_JSON")]
     replot: Option<PathBuf>,
+    /// Measure one section only; the other's results, if `--out` holds them, are kept.
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+}
+
+/// The parts of the benchmark, each with its own block in the document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// Offload against every alternative on a local mount.
+    Local,
+    /// Offload over NBD, and plain block service against other NBD servers.
+    Remote,
 }
 
 /// How much of everything to do.
@@ -103,61 +118,118 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let r = match &args.replot {
-        Some(json) => {
-            let text = std::fs::read_to_string(json)
-                .with_context(|| format!("cannot read {}", json.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}", json.display()))?
-        }
-        None => measure(args)?,
-    };
     let json = args.out.join("results.json");
+    let r = match &args.replot {
+        Some(saved) => read_results(saved)?,
+        None => {
+            // Measuring one section keeps the other's results from an earlier run.
+            let earlier = match args.only {
+                Some(_) if json.exists() => Some(read_results(&json)?),
+                _ => None,
+            };
+            measure(args, earlier)?
+        }
+    };
     std::fs::write(&json, serde_json::to_string_pretty(&r)?)?;
-    plot::all(&r, &args.out)?;
     let images = match &args.docs {
         Some(doc) => report::relative(&args.out, doc),
         None => args.out.clone(),
     };
-    let markdown = r.markdown(&images);
-    println!("{markdown}");
-    if let Some(doc) = &args.docs {
-        report::splice(doc, &markdown)?;
+    let mut blocks = Vec::new();
+    if r.has_local() {
+        plot::all(&r, &args.out)?;
+        blocks.push((report::BEGIN, report::END, r.markdown(&images)));
     }
+    if let Some(remote) = &r.remote {
+        plot::remote(remote, &args.out)?;
+        blocks.push((remote::BEGIN, remote::END, remote.markdown(&images)));
+    }
+    for (begin, end, markdown) in &blocks {
+        println!("{markdown}");
+        if let Some(doc) = &args.docs {
+            report::splice_between(doc, begin, end, markdown)?;
+        }
+    }
+    let took: Vec<String> = [
+        r.has_local()
+            .then(|| format!("local section {:.0} s", r.seconds)),
+        r.remote
+            .as_ref()
+            .map(|m| format!("remote section {:.0} s", m.seconds)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     eprintln!(
-        "==> {} and plots in {}, {:.0} s",
+        "==> {} and plots in {} ({})",
         json.display(),
         args.out.display(),
-        r.seconds
+        took.join(", ")
     );
     Ok(())
 }
 
-/// Everything measured, on a fresh image under `args.work`.
-fn measure(args: &Args) -> Result<report::Results> {
-    let started = Instant::now();
+fn read_results(path: &std::path::Path) -> Result<report::Results> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// Everything measured (or the sections `--only` names), on fresh images under
+/// `args.work`; `earlier` supplies the sections not measured.
+fn measure(args: &Args, earlier: Option<report::Results>) -> Result<report::Results> {
     let plan = Plan::new(args.quick);
+    let local = args.only != Some(Section::Remote);
+    let mut r = match earlier {
+        Some(r) if !local => r,
+        Some(mut r) => {
+            let remote = r.remote.take();
+            r = report::Results::new(&plan);
+            r.remote = remote;
+            r
+        }
+        None => report::Results::new(&plan),
+    };
+    if local {
+        measure_local(args, &plan, &mut r)?;
+    }
+    if args.only != Some(Section::Local) {
+        let started = Instant::now();
+        let mut plan = remote::Plan::new(args.quick);
+        let measured = remote::measure(&mut plan, &args.work)?;
+        eprintln!(
+            "==> remote section: {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        r.remote = Some(measured);
+    }
+    Ok(r)
+}
+
+/// The local section, on a fresh image under `args.work`.
+fn measure_local(args: &Args, plan: &Plan, r: &mut report::Results) -> Result<()> {
+    let started = Instant::now();
     let work = setup::Work::create(&args.work, plan.image_bytes)?;
-    let mut r = report::Results::new(&plan);
     {
         let m = work.mount(0)?;
         eprintln!("==> writing the data");
-        let mut trees = lookups::prepare(&plan, &work, &m)?;
+        let mut trees = lookups::prepare(plan, &work, &m)?;
         eprintln!("==> lookups, device as it is");
-        lookups::measure(&plan, &work, &m, 0, &mut trees, &mut r.lookups)?;
+        lookups::measure(plan, &work, &m, 0, &mut trees, &mut r.lookups)?;
         eprintln!("==> scans");
-        scans::measure(&plan, &work, &m, &mut r.scans)?;
+        scans::measure(plan, &work, &m, &mut r.scans)?;
         eprintln!("==> read-modify-write");
-        rmw::measure(&plan, &work, &m, &mut r.rmw)?;
+        rmw::measure(plan, &work, &m, &mut r.rmw)?;
         drop(m);
         for &us in plan.device_us.iter().filter(|&&us| us > 0) {
             eprintln!("==> lookups, device +{us} µs per access");
             let m = work.mount(us)?;
-            lookups::measure(&plan, &work, &m, us, &mut trees, &mut r.lookups)?;
+            lookups::measure(plan, &work, &m, us, &mut trees, &mut r.lookups)?;
         }
     }
     eprintln!("==> runtime overheads");
     r.overheads = Some(overheads::measure(plan.batch, &work.objects)?);
     r.seconds = started.elapsed().as_secs_f64();
     r.finish();
-    Ok(r)
+    Ok(())
 }

@@ -91,7 +91,9 @@ pub fn repeat(times: usize, mut op: impl FnMut() -> Result<()>) -> Result<Stats>
     Ok(summarise(lat, begin.elapsed(), 1))
 }
 
-fn summarise(mut lat: Vec<Duration>, wall: Duration, warmups: u64) -> Stats {
+/// Median, 99th percentile and rate of `lat`, operations timed over `wall` (plus `warmups`
+/// untimed ones in `ops`).
+pub fn summarise(mut lat: Vec<Duration>, wall: Duration, warmups: u64) -> Stats {
     lat.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let at = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)));

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use anyhow::{Result, anyhow, bail};
 use plotters::prelude::*;
 
+use crate::remote::{self, Figure1, Op};
 use crate::report::Results;
 use crate::{lookups, rmw, scans};
 
@@ -39,6 +40,9 @@ struct Panel {
     y_desc: &'static str,
     /// Plot x on a log scale (labels show the values, not their logarithms).
     x_log: bool,
+    /// Join each series' points with lines (else points alone: the x values are not a
+    /// sequence).
+    lines: bool,
     series: Vec<Series>,
 }
 
@@ -47,6 +51,88 @@ pub fn all(r: &Results, out: &Path) -> Result<()> {
     draw(&out.join("lookup-throughput.png"), &lookup_throughput(r))?;
     draw(&out.join("scan.png"), &[scan(r)])?;
     draw(&out.join("rmw.png"), &[read_modify_write(r)])
+}
+
+/// The remote section's plots: latency against round trips for every operation, and the
+/// B+-tree lookups by depth, one panel per `nbd_delay`.
+pub fn remote(r: &remote::Results, out: &Path) -> Result<()> {
+    draw(&out.join("remote-round-trips.png"), &remote_round_trips(r))?;
+    draw(&out.join("remote-btree.png"), &remote_btree(r))
+}
+
+fn remote_round_trips(r: &remote::Results) -> Vec<Panel> {
+    r.plan
+        .delays_us
+        .iter()
+        .map(|&d| Panel {
+            title: format!("every operation, nbd_delay={d} µs"),
+            x_desc: "NBD round trips per operation",
+            y_desc: "median µs per operation",
+            x_log: true,
+            lines: false,
+            series: Figure1::ALL
+                .iter()
+                .map(|&way| {
+                    let points = r
+                        .ops()
+                        .into_iter()
+                        .filter_map(|op| {
+                            let row = r.way(op, way, d)?;
+                            Some((row.round_trips?.max(0.5), row.stats.median_us))
+                        })
+                        .collect();
+                    Series {
+                        name: way.label().into(),
+                        points,
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn remote_btree(r: &remote::Results) -> Vec<Panel> {
+    let depths: Vec<usize> = r
+        .ops()
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::Btree { depth } => Some(depth),
+            _ => None,
+        })
+        .collect();
+    r.plan
+        .delays_us
+        .iter()
+        .map(|&d| {
+            let mut series: Vec<Series> = Figure1::ALL
+                .iter()
+                .map(|&way| Series {
+                    name: way.label().into(),
+                    points: depths
+                        .iter()
+                        .filter_map(|&depth| {
+                            Some((depth as f64, r.way_us(Op::Btree { depth }, way, d)?))
+                        })
+                        .collect(),
+                })
+                .collect();
+            series.push(Series {
+                name: "floor: one round trip + the run on a local mount".into(),
+                points: depths
+                    .iter()
+                    .filter_map(|&depth| Some((depth as f64, r.floor_us(Op::Btree { depth }, d)?)))
+                    .collect(),
+            });
+            Panel {
+                title: format!("B+-tree lookup over NBD, nbd_delay={d} µs"),
+                x_desc: "tree depth (dependent reads)",
+                y_desc: "median µs per lookup",
+                x_log: false,
+                lines: true,
+                series,
+            }
+        })
+        .collect()
 }
 
 const LOOKUP_WAYS: [lookups::Way; 6] = [
@@ -86,6 +172,7 @@ fn lookup_latency(r: &Results) -> Vec<Panel> {
                 x_desc: "tree depth (dependent reads)",
                 y_desc: "median µs per lookup",
                 x_log: false,
+                lines: true,
                 series,
             }
         })
@@ -102,6 +189,7 @@ fn lookup_throughput(r: &Results) -> Vec<Panel> {
             x_desc: "threads",
             y_desc: "lookups per second",
             x_log: false,
+            lines: true,
             series: [
                 lookups::Way::Offload,
                 lookups::Way::OffloadBatch,
@@ -132,6 +220,7 @@ fn scan(r: &Results) -> Panel {
         x_desc: "selectivity (%)",
         y_desc: "GB/s of file scanned",
         x_log: true,
+        lines: true,
         series: scans::Way::ALL
             .iter()
             .map(|&way| Series {
@@ -153,6 +242,7 @@ fn read_modify_write(r: &Results) -> Panel {
         x_desc: "workers",
         y_desc: "increments per second",
         x_log: false,
+        lines: true,
         series: [rmw::Way::Offload, rmw::Way::ReadWrite]
             .iter()
             .map(|&way| Series {
@@ -253,23 +343,36 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, p: &Pan
         .draw()
         .map_err(plot_error)?;
     for (i, s) in p.series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        // A floor is always black, whatever else the panel shows.
+        let color = if s.name.starts_with("floor") {
+            BLACK
+        } else {
+            COLORS[i % COLORS.len()]
+        };
         let pts: Vec<(f64, f64)> = s
             .points
             .iter()
             .filter(|(_, y)| *y > 0.0)
             .map(|&(x, y)| (tx(x), y))
             .collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(plot_error)?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-            .map_err(plot_error)?;
+        if p.lines {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(plot_error)?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .map_err(plot_error)?;
+        } else {
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 5, color.filled())))
+                .map_err(plot_error)?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| Circle::new((x + 9, y), 5, color.filled()));
+        }
     }
     chart
         .configure_series_labels()

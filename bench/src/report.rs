@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::overheads::Overheads;
-use crate::{Plan, lookups, rmw, scans, setup};
+use crate::{Plan, lookups, remote, rmw, scans, setup};
 
-const BEGIN: &str = "<!-- bench:begin -->";
-const END: &str = "<!-- bench:end -->";
+pub const BEGIN: &str = "<!-- bench:begin -->";
+pub const END: &str = "<!-- bench:end -->";
 
 #[derive(Serialize, Deserialize)]
 pub struct Results {
@@ -24,10 +24,13 @@ pub struct Results {
     pub rmw: Vec<rmw::Row>,
     pub overheads: Option<Overheads>,
     pub targets: Vec<Target>,
+    /// The remote section (`remote.rs`), when it was measured.
+    #[serde(default)]
+    pub remote: Option<remote::Results>,
 }
 
 /// A target of the benchmark issue and what this run measured against it.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     pub what: String,
     pub want: String,
@@ -37,14 +40,9 @@ pub struct Target {
 
 impl Results {
     pub fn new(plan: &Plan) -> Results {
-        let date = std::process::Command::new("date")
-            .arg("+%F")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
         Results {
             machine: setup::machine(),
-            date,
+            date: today(),
             plan: plan.clone(),
             seconds: 0.0,
             lookups: Vec::new(),
@@ -52,7 +50,13 @@ impl Results {
             rmw: Vec::new(),
             overheads: None,
             targets: Vec::new(),
+            remote: None,
         }
+    }
+
+    /// Whether the local section was measured (`--only remote` leaves it out).
+    pub fn has_local(&self) -> bool {
+        !self.lookups.is_empty()
     }
 
     /// The measurement of a lookup way at a device latency, depth and thread count; ways
@@ -461,7 +465,16 @@ fn overhead_tables(s: &mut String, o: &Overheads) {
     );
 }
 
-fn bytes(n: u64) -> String {
+/// The date, as `date +%F` gives it.
+pub fn today() -> String {
+    std::process::Command::new("date")
+        .arg("+%F")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
@@ -477,12 +490,13 @@ pub fn relative(out: &Path, doc: &Path) -> PathBuf {
         .map_or(out.clone(), Path::to_path_buf)
 }
 
-/// Replaces the block between the bench markers of `doc` (appends one if there is none).
-pub fn splice(doc: &Path, markdown: &str) -> Result<()> {
+/// Replaces the block between the markers `begin` and `end` of `doc` (appends one if
+/// there is none).
+pub fn splice_between(doc: &Path, begin: &str, end: &str, markdown: &str) -> Result<()> {
     let text = std::fs::read_to_string(doc).unwrap_or_default();
-    let block = format!("{BEGIN}\n{markdown}\n{END}");
-    let new = match (text.find(BEGIN), text.find(END)) {
-        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &text[..b], &text[e + END.len()..]),
+    let block = format!("{begin}\n{markdown}\n{end}");
+    let new = match (text.find(begin), text.find(end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &text[..b], &text[e + end.len()..]),
         _ => format!("{text}\n{block}\n"),
     };
     std::fs::write(doc, new).with_context(|| format!("cannot write {}", doc.display()))
@@ -497,14 +511,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let doc = dir.path().join("b.md");
         std::fs::write(&doc, format!("# head\n{BEGIN}\nold\n{END}\ntail\n")).unwrap();
-        splice(&doc, "new").unwrap();
+        splice_between(&doc, BEGIN, END, "new").unwrap();
         let text = std::fs::read_to_string(&doc).unwrap();
         assert_eq!(text, format!("# head\n{BEGIN}\nnew\n{END}\ntail\n"));
         // Without markers the block is appended, and found again next time.
         let bare = dir.path().join("c.md");
         std::fs::write(&bare, "text\n").unwrap();
-        splice(&bare, "one").unwrap();
-        splice(&bare, "two").unwrap();
+        splice_between(&bare, BEGIN, END, "one").unwrap();
+        splice_between(&bare, BEGIN, END, "two").unwrap();
         let text = std::fs::read_to_string(&bare).unwrap();
         assert_eq!(text, format!("text\n\n{BEGIN}\ntwo\n{END}\n"));
     }

@@ -44,7 +44,8 @@ pub struct Row {
     pub stats: Stats,
 }
 
-fn key(slot: u64) -> [u8; kv::KEY] {
+/// The key of record `slot`.
+pub fn key(slot: u64) -> [u8; kv::KEY] {
     let mut k = [b'.'; kv::KEY];
     let name = format!("record-{slot:08}");
     k[..name.len()].copy_from_slice(name.as_bytes());

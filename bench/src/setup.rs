@@ -2,7 +2,7 @@
 //! latency), host-filesystem copies of the same files, compiled programs, buffers O_DIRECT
 //! accepts, and a description of the machine.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
@@ -27,9 +27,14 @@ pub struct Work {
 impl Work {
     /// A fresh directory under `parent`, with a new sparse image of `size` bytes.
     pub fn create(parent: &Path, size: u64) -> Result<Work> {
+        Work::create_named(parent, "", size)
+    }
+
+    /// The same, with `tag` in the directory's name so that several can live at once.
+    pub fn create_named(parent: &Path, tag: &str, size: u64) -> Result<Work> {
         let parent = std::fs::canonicalize(parent)
             .with_context(|| format!("cannot find {}", parent.display()))?;
-        let root = parent.join(format!("nearfs-bench.{}", std::process::id()));
+        let root = parent.join(format!("nearfs-bench.{}{tag}", std::process::id()));
         let work = Work {
             image: root.join("disk.img"),
             mnt: root.join("mnt"),
@@ -55,17 +60,35 @@ impl Work {
 
     /// Mounts the image with `latency_us` added to every device access; unmounted on drop.
     pub fn mount(&self, latency_us: u64) -> Result<Mounted<'_>> {
+        self.mount_device(self.image.as_os_str(), &format!("latency={latency_us}"))
+    }
+
+    /// Mounts `device` (the image, or an `nbd://` URL) with mount options `options`;
+    /// unmounted on drop.
+    pub fn mount_device(&self, device: &std::ffi::OsStr, options: &str) -> Result<Mounted<'_>> {
         let out = Command::new(&self.nearfs)
             .arg("mount")
-            .arg(&self.image)
+            .arg(device)
             .arg(&self.mnt)
             .arg("-o")
-            .arg(format!("latency={latency_us}"))
+            .arg(options)
             .output()?;
         if !out.status.success() {
-            bail!("nearfs mount: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "nearfs mount {}: {}",
+                device.to_string_lossy(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        Ok(Mounted { work: self })
+        Ok(Mounted {
+            work: self,
+            device: device.to_os_string(),
+        })
+    }
+
+    /// The `nearfs` binary beside this one.
+    pub fn nearfs(&self) -> &Path {
+        &self.nearfs
     }
 
     /// Compiles `source` (relative to this crate) and loads it through `file`'s mount.
@@ -81,20 +104,26 @@ impl Drop for Work {
     }
 }
 
-/// A live mount of [`Work::image`].
+/// A live mount of [`Work::image`], or of an NBD export, at [`Work::mnt`].
 pub struct Mounted<'a> {
     work: &'a Work,
+    /// What the daemon was started with (its command line names it).
+    device: OsString,
 }
 
 impl Mounted<'_> {
     pub fn path(&self, name: &str) -> PathBuf {
         self.work.mnt.join(name)
     }
+
+    pub fn mount_point(&self) -> &Path {
+        &self.work.mnt
+    }
 }
 
 impl Drop for Mounted<'_> {
-    /// Unmounts and waits until the daemon has let go of the image, so that the next mount
-    /// (or removing the directory) does not find it busy.
+    /// Unmounts and waits until the daemon has let go of the device, so that the next mount
+    /// (or removing the directory, or a server on the image) does not find it busy.
     fn drop(&mut self) {
         let mnt = &self.work.mnt;
         for _ in 0..50 {
@@ -112,7 +141,7 @@ impl Drop for Mounted<'_> {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let image = self.work.image.as_os_str().as_bytes().to_vec();
+        let image = self.device.as_bytes().to_vec();
         for _ in 0..150 {
             let held = std::fs::read_dir("/proc")
                 .into_iter()
@@ -131,7 +160,7 @@ impl Drop for Mounted<'_> {
 }
 
 /// A binary built next to this one (`cargo build --release` puts them together).
-fn sibling_binary(name: &str) -> Result<PathBuf> {
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
     if !path.exists() {
@@ -254,8 +283,13 @@ pub fn run_stats(path: &Path) -> Result<(u64, u64)> {
     Ok((number(&stats, "runs=")?, number(&stats, "run_ns=")?))
 }
 
+/// One counter of `user.nearfs.stats` of a file (`"runs="`, `"remote_runs="`, …).
+pub fn file_stat(path: &Path, key: &str) -> Result<u64> {
+    number(&xattr(path, "user.nearfs.stats")?, key)
+}
+
 /// The number after `key` (e.g. `"runs="`) among the words of `text`.
-fn number(text: &str, key: &str) -> Result<u64> {
+pub fn number(text: &str, key: &str) -> Result<u64> {
     text.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .with_context(|| format!("no {key} in {text:?}"))?
