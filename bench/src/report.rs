@@ -230,17 +230,7 @@ impl Results {
             p.scan_repeats
         );
 
-        s.push_str("### Targets (ratios from this run)\n\n| target | want | measured | |\n|---|---|---|---|\n");
-        for t in &self.targets {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} |",
-                t.what,
-                t.want,
-                t.measured,
-                if t.met { "met" } else { "**missed**" }
-            );
-        }
+        targets_table(&mut s, &self.targets);
 
         self.lookup_tables(&mut s, &img);
         self.scan_table(&mut s, &img);
@@ -407,6 +397,23 @@ impl Results {
                 );
             }
         }
+    }
+}
+
+/// The "Targets" table of a section: each target, what it wants, what was measured.
+pub fn targets_table(s: &mut String, targets: &[Target]) {
+    s.push_str(
+        "### Targets (ratios from this run)\n\n| target | want | measured | |\n|---|---|---|---|\n",
+    );
+    for t in targets {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            t.what,
+            t.want,
+            t.measured,
+            if t.met { "met" } else { "**missed**" }
+        );
     }
 }
 

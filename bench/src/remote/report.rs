@@ -7,7 +7,7 @@ use std::path::Path;
 use super::block::{self, Test};
 use super::servers::Kind;
 use super::{Mount, Op, Results, Row, Way, size};
-use crate::report::{Target, bytes};
+use crate::report::{Target, bytes, targets_table};
 
 /// The markers of the remote block in the benchmarks document.
 pub const BEGIN: &str = "<!-- bench-remote:begin -->";
@@ -204,17 +204,7 @@ impl Results {
             written.join(", ")
         );
 
-        s.push_str("### Targets (ratios from this run)\n\n| target | want | measured | |\n|---|---|---|---|\n");
-        for t in &self.targets {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} |",
-                t.what,
-                t.want,
-                t.measured,
-                if t.met { "met" } else { "**missed**" }
-            );
-        }
+        targets_table(&mut s, &self.targets);
 
         self.figure1(&mut s, &img);
         self.floors(&mut s);
