@@ -4,10 +4,12 @@
 //! The device keeps a pool of connections. A request takes an idle connection (or opens
 //! one, up to the limit), sends, reads its reply on the calling thread and gives the
 //! connection back: as many requests are in flight as threads ask at once, and none waits
-//! for a thread switch. A connection that fails is dropped; the next request opens a new
-//! one, which is how the device reconnects to a target that went away and came back.
-//! Every socket has a timeout, so I/O to a target that vanished fails with an error within
-//! a bounded time instead of hanging.
+//! for a thread switch. Every request has a deadline however the server spreads its bytes,
+//! so I/O to a target that vanished or stalls fails with an error in bounded time. A
+//! connection that failed is dropped, and the next request opens a new one, which is how
+//! the device reconnects; that first new connection checks it reached the same filesystem
+//! ([`NbdDevice::pin`]) and fences the old ones at the target ([`NbdDevice::failed`]), so
+//! that nothing given up on can land after what comes next.
 
 use std::collections::HashMap;
 use std::fmt;

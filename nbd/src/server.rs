@@ -1,13 +1,14 @@
 //! `nearfs serve`: an NBD server for one export, and the storage target that runs appcode
 //! next to it.
 //!
-//! Each connection is served by a few threads that take turns reading one request (header
-//! and payload) off the socket, then handle it and send its reply under the writer's lock:
-//! replies leave in the order requests finish, matched by cookie, as the protocol allows.
-//! Nothing a client sends is trusted: lengths are checked before anything is allocated,
-//! every payload in memory is drawn from one server-wide budget, a client that breaks the
-//! protocol is disconnected, and what one connection loads and runs is its own (DESIGN.md,
-//! invariant 7).
+//! Each connection has a reader thread, which answers a lone request itself, and helpers
+//! that take requests arriving together or taking long; replies are sent under the
+//! writer's lock in the order requests finish, matched by cookie, as the protocol allows.
+//! Nothing a client sends is trusted: lengths are checked before anything is allocated, no
+//! read or write holds more than 1 MiB whatever its length (longer ones are streamed), the
+//! extension's payloads draw on one server-wide budget, a client that breaks the protocol
+//! is disconnected, and what one connection loads and runs is its own (DESIGN.md,
+//! invariant 7). `NEARFS_FENCE` lets a mount make sure nothing it gave up on still runs.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -35,11 +36,12 @@ pub struct Export {
 /// How the server treats its clients.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Threads serving each connection: at most this many of its requests are handled at
-    /// once.
+    /// Threads serving each connection (its reader and helpers): at most this many of its
+    /// requests are handled at once.
     pub threads: usize,
     pub max_connections: usize,
-    /// Bytes of payloads (requests and replies) all connections together may hold.
+    /// Bytes the extension's payloads, and what their runs may hold, take at most over all
+    /// connections together.
     pub memory: u64,
     /// Whether the appcode extension is offered.
     pub appcode: bool,
@@ -1072,10 +1074,14 @@ impl Connection {
     }
 }
 
-/// Requests that may take long: the reader never waits for them.
+/// Requests that may take long: the reader never waits for them. A RUN is not one of
+/// them: only the mount that claimed the export sends RUNs, one at a time on a
+/// connection, and its round trip is what offload saves; another thread would cost it a
+/// hand-over.
 fn slow(req: &Request) -> bool {
     match req.kind {
         cmd::READ | cmd::WRITE => req.length as usize > PIECE,
+        cmd::NEARFS_RUN => false,
         _ => true,
     }
 }
