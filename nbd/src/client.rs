@@ -28,6 +28,8 @@ use crate::wire::{self, Chunk, Put, Request, chunk, cmd, errno, flag, opt, rep};
 
 /// The port NBD servers listen on.
 pub const DEFAULT_PORT: u16 = 10809;
+/// INFO replies a GO may bring before the client gives up on the server.
+const MAX_INFO_REPLIES: usize = 64;
 
 /// `nbd://HOST[:PORT]/EXPORT`, as qemu writes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -502,13 +504,15 @@ impl Conn {
                 Err(e) => last = e,
             }
         }
-        let mut s = stream.ok_or(last)?;
+        let s = stream.ok_or(last)?;
         s.set_nodelay(true)?;
         wire::keep_alive(&s)?;
         s.set_read_timeout(Some(options.timeout))?;
         s.set_write_timeout(Some(options.timeout))?;
         counters.connects.fetch_add(1, Ordering::Relaxed);
-        let (size, flags, structured, appcode) = negotiate(&mut s, url, options.appcode)?;
+        let until = Instant::now() + options.timeout;
+        let (size, flags, structured, appcode) = negotiate(&s, until, url, options.appcode)?;
+        s.set_read_timeout(Some(options.timeout))?;
         Ok(Conn {
             reader: BufReader::with_capacity(64 << 10, s.try_clone()?),
             stream: s,
@@ -879,17 +883,19 @@ impl Conn {
             };
             match c.kind {
                 chunk::NEARFS_OUTPUT => {
-                    let b = self.recv_vec(c.length, wire::MAX_PAYLOAD)?;
+                    // A target gives no more output than the run was allowed: checked
+                    // before anything is allocated for it.
+                    let room = request
+                        .limits
+                        .output_bytes
+                        .saturating_sub(output.len() as u64);
+                    let most = (8 + room).min(wire::MAX_PAYLOAD as u64) as u32;
+                    let b = self.recv_vec(c.length, most)?;
                     let mut r = wire::Reader::new(&b);
                     if r.u64()? != output.len() as u64 {
                         return Err(wire::invalid("output pieces out of order"));
                     }
-                    let piece = r.rest();
-                    // A target gives no more output than the run was allowed.
-                    if (output.len() + piece.len()) as u64 > request.limits.output_bytes {
-                        return Err(wire::invalid("more output than the run's limit"));
-                    }
-                    output.extend_from_slice(piece);
+                    output.extend_from_slice(r.rest());
                 }
                 chunk::NEARFS_RESULT if c.done() => {
                     let b = self.recv_vec(c.length, 64 + wire::MAX_MESSAGE as u32)?;
@@ -957,14 +963,21 @@ fn piece_of(buf: &mut [u8], base: u64, at: u64, n: u64) -> io::Result<&mut [u8]>
 /// extension if asked, then GO (or EXPORT_NAME with an old server). Returns the export's
 /// size and flags, and what was negotiated.
 fn negotiate(
-    s: &mut TcpStream,
+    socket: &TcpStream,
+    until: Instant,
     url: &NbdUrl,
     appcode: Option<u64>,
 ) -> io::Result<(u64, u16, bool, bool)> {
-    if wire::read_u64(s)? != wire::NBDMAGIC || wire::read_u64(s)? != wire::IHAVEOPT {
+    // One deadline for the whole handshake, however the server spreads its replies.
+    let mut s = socket;
+    let r = &mut wire::Deadline {
+        inner: socket,
+        until,
+    };
+    if wire::read_u64(r)? != wire::NBDMAGIC || wire::read_u64(r)? != wire::IHAVEOPT {
         return Err(wire::invalid("not a newstyle NBD server"));
     }
-    let server_flags = wire::read_u16(s)?;
+    let server_flags = wire::read_u16(r)?;
     if server_flags & wire::handshake::FIXED_NEWSTYLE == 0 {
         return Err(wire::invalid("the server does not speak fixed newstyle"));
     }
@@ -975,15 +988,15 @@ fn negotiate(
     }
     s.write_all(&client_flags.to_be_bytes())?;
 
-    wire::write_option(s, opt::STRUCTURED_REPLY, &[])?;
-    let structured = option_reply(s, opt::STRUCTURED_REPLY)?.0 == rep::ACK;
+    wire::write_option(&mut s, opt::STRUCTURED_REPLY, &[])?;
+    let structured = option_reply(r, opt::STRUCTURED_REPLY)?.0 == rep::ACK;
     let mut extension = false;
     if let (Some(token), true) = (appcode, structured) {
         let mut b = Vec::new();
         b.put_u32(appcode_ext::VERSION);
         b.put_u64(token);
-        wire::write_option(s, opt::NEARFS_APPCODE, &b)?;
-        let (kind, data) = option_reply(s, opt::NEARFS_APPCODE)?;
+        wire::write_option(&mut s, opt::NEARFS_APPCODE, &b)?;
+        let (kind, data) = option_reply(r, opt::NEARFS_APPCODE)?;
         match kind {
             rep::ACK => extension = true,
             rep::ERR_POLICY => {
@@ -1000,10 +1013,11 @@ fn negotiate(
     b.put_u32(url.export.len() as u32);
     b.extend_from_slice(url.export.as_bytes());
     b.put_u16(0);
-    wire::write_option(s, opt::GO, &b)?;
+    wire::write_option(&mut s, opt::GO, &b)?;
     let mut export = None;
-    loop {
-        let (kind, data) = option_reply(s, opt::GO)?;
+    // A server sends a few INFO replies; one that never stops is broken.
+    for _ in 0..MAX_INFO_REPLIES {
+        let (kind, data) = option_reply(r, opt::GO)?;
         match kind {
             rep::INFO => {
                 let mut r = wire::Reader::new(&data);
@@ -1016,7 +1030,17 @@ fn negotiate(
                     export.ok_or_else(|| wire::invalid("GO without the export's size"))?;
                 return Ok((size, flags, structured, extension));
             }
-            rep::ERR_UNSUP => break,
+            rep::ERR_UNSUP => {
+                // An old server: EXPORT_NAME, which has no error reply (it closes on a
+                // bad name).
+                wire::write_option(&mut s, opt::EXPORT_NAME, url.export.as_bytes())?;
+                let size = wire::read_u64(r)?;
+                let flags = wire::read_u16(r)?;
+                if !no_zeroes {
+                    wire::read_array::<124>(r)?;
+                }
+                return Ok((size, flags, structured, extension));
+            }
             rep::ERR_UNKNOWN => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
@@ -1032,18 +1056,11 @@ fn negotiate(
             k => return Err(wire::invalid(format!("an option reply of type {k}"))),
         }
     }
-    // An old server: EXPORT_NAME, which has no error reply (it closes on a bad name).
-    wire::write_option(s, opt::EXPORT_NAME, url.export.as_bytes())?;
-    let size = wire::read_u64(s)?;
-    let flags = wire::read_u16(s)?;
-    if !no_zeroes {
-        wire::read_array::<124>(s)?;
-    }
-    Ok((size, flags, structured, extension))
+    Err(wire::invalid("GO answered with endless INFO replies"))
 }
 
 /// Reads one option reply to `option`: its type and data.
-fn option_reply(s: &mut TcpStream, option: u32) -> io::Result<(u32, Vec<u8>)> {
+fn option_reply(s: &mut impl Read, option: u32) -> io::Result<(u32, Vec<u8>)> {
     if wire::read_u64(s)? != wire::REPLY_MAGIC || wire::read_u32(s)? != option {
         return Err(wire::invalid("a malformed option reply"));
     }

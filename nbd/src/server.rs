@@ -294,27 +294,6 @@ struct Negotiated {
     claim: Option<Claim>,
 }
 
-/// Reads the handshake against one deadline for all of it, however the client spreads
-/// its bytes.
-struct Deadline<'a> {
-    inner: &'a mut BufReader<TcpStream>,
-    until: Instant,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the handshake took too long",
-            ));
-        }
-        self.inner.get_ref().set_read_timeout(Some(left))?;
-        self.inner.read(buf)
-    }
-}
-
 /// The handshake: fixed newstyle, then options until the client goes into transmission
 /// (`Some`) or leaves (`None`).
 fn handshake(
@@ -558,6 +537,10 @@ const DATA_HEADROOM: usize = wire::CHUNK_HEADER_SIZE + 8;
 const PIECE: usize = 1 << 20;
 /// What a RUN may hold beyond its payload: output and buffered writes, at the ceilings.
 const RUN_MEMORY: u64 = 20 << 20;
+/// Requests of one connection read and not yet answered, per thread serving it: past
+/// this the reader waits, so a client that sends without reading its replies holds a
+/// bounded number of payloads (each at most [`PIECE`] beyond the extension's budget).
+const IN_FLIGHT_PER_THREAD: usize = 2;
 
 impl Connection {
     fn new(id: u64, shared: &Arc<Shared>, socket: TcpStream) -> io::Result<Connection> {
@@ -584,8 +567,8 @@ impl Connection {
         let negotiated = {
             let mut r = lock(&self.reader);
             let mut w = lock(&self.writer);
-            let mut deadline = Deadline {
-                inner: &mut r,
+            let mut deadline = wire::Deadline {
+                inner: &mut *r,
                 until: Instant::now() + self.shared.config.handshake_timeout,
             };
             let n = handshake(&self.shared, &mut deadline, &mut w)?;
@@ -623,6 +606,8 @@ impl Connection {
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
+        // A reader waiting for room stops waiting.
+        self.idle.notify_all();
     }
 
     /// The connection's reader: reads requests until the client leaves or breaks the
@@ -632,8 +617,15 @@ impl Connection {
     /// threads, and requests in flight together are handled together.
     fn read_requests<'a>(&'a self, jobs: &Jobs<'a>, helped: bool) -> io::Result<()> {
         let mut buf = Vec::new();
+        let most = IN_FLIGHT_PER_THREAD * self.shared.config.threads.max(1);
         let result = (|| {
             loop {
+                {
+                    let mut active = lock(&self.active);
+                    while *active >= most && !self.closing.load(Ordering::SeqCst) {
+                        active = self.idle.wait(active).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
                 let (req, body, more) = {
                     let mut r = lock(&self.reader);
                     if self.closing.load(Ordering::SeqCst) {
@@ -727,6 +719,20 @@ impl Connection {
             return Err(wire::invalid(format!("a payload of {len} bytes")));
         }
         if req.kind != cmd::WRITE {
+            // Only the mount that claimed the export may send these: anyone else would
+            // draw on the memory the mount's runs need. The payload is not read, so the
+            // connection ends.
+            if self.owner().is_none() {
+                self.send(
+                    req,
+                    Reply::Error(
+                        errno::EINVAL,
+                        "the appcode extension was not negotiated".into(),
+                    ),
+                    buf,
+                )?;
+                return Err(wire::invalid("an extension payload without the extension"));
+            }
             let extra = if req.kind == cmd::NEARFS_RUN {
                 RUN_MEMORY
             } else {

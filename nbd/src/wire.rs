@@ -313,6 +313,53 @@ pub fn keep_alive(s: &std::net::TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// Something read from a socket, whose read timeout [`Deadline`] sets.
+pub trait OnSocket {
+    fn socket(&self) -> &std::net::TcpStream;
+}
+
+impl OnSocket for &std::net::TcpStream {
+    fn socket(&self) -> &std::net::TcpStream {
+        self
+    }
+}
+
+impl OnSocket for io::BufReader<std::net::TcpStream> {
+    fn socket(&self) -> &std::net::TcpStream {
+        self.get_ref()
+    }
+}
+
+impl<T: OnSocket + ?Sized> OnSocket for &mut T {
+    fn socket(&self) -> &std::net::TcpStream {
+        (**self).socket()
+    }
+}
+
+/// Reads against one deadline for all of it, however the peer spreads its bytes: each
+/// read may wait only for what is left. For handshakes, which are short and rare (the
+/// socket's timeout is set before every read).
+pub struct Deadline<R> {
+    pub inner: R,
+    pub until: std::time::Instant,
+}
+
+impl<R: Read + OnSocket> Read for Deadline<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        self.inner.socket().set_read_timeout(Some(left))?;
+        self.inner.read(buf)
+    }
+}
+
 /// Whether bytes can be read from `s` without waiting: `Some(true)` if some are there,
 /// `Some(false)` if none are yet, `None` if the peer closed or the socket failed. One
 /// system call; nothing is consumed.

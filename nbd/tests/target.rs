@@ -934,3 +934,150 @@ fn a_pinned_device_refuses_a_target_that_came_back_with_another_image() {
     device.read_at(&mut b, 4096).unwrap();
     assert_eq!(&b, b"late");
 }
+
+#[test]
+fn only_the_owning_mount_can_send_extension_payloads() {
+    let t = Target::start(8 << 20, Config::default());
+    // Twenty connections without the extension each announce a RUN of 32 MiB: each is
+    // refused and closed before anything is set aside for it.
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        let mut s = raw_transmission(t.addr);
+        s.write_all(&header(cmd::NEARFS_RUN, 0, wire::MAX_PAYLOAD))
+            .unwrap();
+        others.push(s);
+    }
+    for s in &mut others {
+        let mut h = [0; 20];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(u16::from_be_bytes([h[6], h[7]]), wire::chunk::ERROR);
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut body = vec![0; len as usize];
+        s.read_exact(&mut body).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(body[..4].try_into().unwrap()),
+            wire::errno::EINVAL
+        );
+        assert!(closed(s));
+    }
+    // The mount's runs are served as before.
+    let dev = t.client(Some(1));
+    t.device.write_at(&kv_file(64), 0).unwrap();
+    let extents = [Extent {
+        file_off: 0,
+        dev_off: 0,
+        len: 4096,
+        unwritten: false,
+    }];
+    let object = common::compile_file(&common::progs_dir().join("kv_increment.c"), "v3");
+    let remote = RemoteProgram::new("", object);
+    let arg = kv_arg(2);
+    let req = Request {
+        arg: &arg,
+        limits: Limits::default(),
+    };
+    let world = RemoteWorld {
+        extents: &extents,
+        file_size: 4096,
+        range: 0..4096,
+        writable: true,
+    };
+    assert_eq!(dev.run(&remote, world, &req).unwrap().unwrap().result, 21);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_made_to_wait() {
+    let t = Target::start(1 << 20, Config::default());
+    let dev = t.client(None);
+    // Reads of 1 MiB, pipelined, replies never read: once the replies fill the sockets,
+    // the server reads no more requests, so the client's sending blocks long before its
+    // million requests (28 MB) are sent, instead of the server queueing them all.
+    let mut s = raw_transmission(t.addr);
+    s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let batch: Vec<u8> = (0..1000)
+        .flat_map(|_| header(cmd::READ, 0, 1 << 20))
+        .collect();
+    let mut sent = 0;
+    let blocked = loop {
+        if sent == 1000 {
+            break false;
+        }
+        if s.write_all(&batch).is_err() {
+            break true;
+        }
+        sent += 1;
+    };
+    assert!(
+        blocked,
+        "the server took all {sent}000 requests without a reply being read"
+    );
+    // Others are served meanwhile.
+    let mut b = [0; 8];
+    dev.read_at(&mut b, 0).unwrap();
+}
+
+#[test]
+fn a_server_that_never_finishes_its_handshake_cannot_hang_a_connect() {
+    // One answers GO with INFO replies for ever; one sends its greeting a byte at a time.
+    let endless = TcpListener::bind("127.0.0.1:0").unwrap();
+    let trickle = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = [endless.local_addr().unwrap(), trickle.local_addr().unwrap()];
+    std::thread::spawn(move || {
+        for s in endless.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = (|| -> std::io::Result<()> {
+                    let mut hello = Vec::new();
+                    hello.put_u64(wire::NBDMAGIC);
+                    hello.put_u64(wire::IHAVEOPT);
+                    hello.put_u16(3);
+                    s.write_all(&hello)?;
+                    wire::read_u32(&mut s)?;
+                    loop {
+                        wire::read_u64(&mut s)?;
+                        let o = wire::read_u32(&mut s)?;
+                        let len = wire::read_u32(&mut s)?;
+                        wire::read_vec(&mut s, len, 1 << 20)?;
+                        if o != opt::GO {
+                            wire::write_option_reply(&mut s, o, rep::ERR_UNSUP, &[])?;
+                            continue;
+                        }
+                        let mut b = Vec::new();
+                        b.put_u16(wire::info::NAME);
+                        loop {
+                            wire::write_option_reply(&mut s, o, rep::INFO, &b)?;
+                        }
+                    }
+                })();
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for s in trickle.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                for b in b"NBDMAGICIHAVEOPT".iter().cycle() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    for addr in addrs {
+        let url = NbdUrl::parse(&format!("nbd://{addr}/")).unwrap().unwrap();
+        let options = Options {
+            timeout: Duration::from_secs(1),
+            ..Options::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(NbdDevice::connect(&url, options).is_err());
+        });
+        let failed = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("connecting is still waiting after 30 s with a 1 s timeout");
+        assert!(failed, "{addr}");
+    }
+}
