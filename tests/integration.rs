@@ -836,6 +836,70 @@ fn offloaded_increments_are_atomic_and_visible_to_reads() {
 }
 
 #[test]
+fn writing_runs_drop_pages_only_when_the_kernel_may_hold_them() {
+    let t = TestFs::new("64M", "");
+    let key = [7u8; kv::KEY];
+    fs::write(t.path("one.kv"), kv::record(&key, 0)).unwrap();
+    let id = ProgId(load_example(&t, "kv_increment").0);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(t.path("one.kv"))
+        .unwrap();
+    let arg = kv::arg(0, &key);
+    let increment = |want: u64| {
+        let out = nearfs_client::run(&f, &Run::new(id).arg(&arg).write(true)).unwrap();
+        assert_eq!(out.result, want);
+    };
+    let dropped = || -> u64 {
+        let stats =
+            String::from_utf8(getxattr(&t.path("one.kv"), "user.nearfs.stats").unwrap()).unwrap();
+        stats
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("invalidations="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no invalidations in {stats}"))
+    };
+    // The write that created the file went through the page cache.
+    increment(1);
+    assert_eq!(dropped(), 1);
+    // Nothing was read or written since: the kernel holds no pages to drop.
+    increment(2);
+    increment(3);
+    assert_eq!(dropped(), 1);
+    // A read fills the page cache; the next run drops it, and reads see every increment.
+    assert_eq!(kv::counter(&fs::read(t.path("one.kv")).unwrap()), 3);
+    increment(4);
+    assert_eq!(dropped(), 2);
+    assert_eq!(kv::counter(&fs::read(t.path("one.kv")).unwrap()), 4);
+    // Pages mapped into memory are read through the same path, and dropped the same way.
+    increment(5);
+    assert_eq!(dropped(), 3);
+    let len = kv::SIZE;
+    // SAFETY: a fresh shared read-only mapping of an open file, unmapped below; the bytes
+    // are only read through `view`, which does not outlive it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    // SAFETY: the mapping is `len` bytes long and stays mapped while `view` is used.
+    let view = || unsafe { std::slice::from_raw_parts(map as *const u8, len) }.to_vec();
+    assert_eq!(kv::counter(&view()), 5);
+    increment(6);
+    assert_eq!(kv::counter(&view()), 6);
+    assert_eq!(dropped(), 4);
+    // SAFETY: `map` came from the mmap above and is no longer used.
+    assert_eq!(unsafe { libc::munmap(map, len) }, 0);
+}
+
+#[test]
 fn a_failing_run_writes_nothing_and_bad_requests_get_their_own_errno() {
     let t = TestFs::new("64M", "");
     let key = [3u8; kv::KEY];

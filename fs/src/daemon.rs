@@ -446,6 +446,7 @@ impl Filesystem for NearFs {
             Ok(_) => return reply.error(Errno::EBADF),
             Err(e) => return reply.error(e),
         }
+        self.offload.may_cache(Ino(ino.0));
         match self.fs.read(Ino(ino.0), offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
@@ -471,6 +472,7 @@ impl Filesystem for NearFs {
         }
         // Only "is it root" matters for a write (clearing set-user-ID); skip /proc.
         let cr = Creds::user(req.uid(), req.gid());
+        self.offload.may_cache(Ino(ino.0));
         match self.fs.write(&cr, Ino(ino.0), offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),

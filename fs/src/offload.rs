@@ -15,8 +15,9 @@
 //! - a run sees the extents of that file, its requested range only, under the
 //!   filesystem's lock: shared for reading runs, exclusive for writing ones, so a
 //!   read-modify-write is atomic against `write()` and other runs. What it wrote is
-//!   dropped from the kernel's page cache before the ioctl returns: the reply goes through
-//!   the invalidation thread, because invalidating waits for page locks that an in-flight
+//!   dropped from the kernel's page cache before the ioctl returns, if the kernel may hold
+//!   pages of the file (see [`Offload::may_cache`]): the reply goes through the
+//!   invalidation thread, because invalidating waits for page locks that an in-flight
 //!   `write()` holds until a FUSE worker serves it.
 //!
 //! Verifying and compiling a program is done by loader threads, never by FUSE workers. A
@@ -126,6 +127,8 @@ pub struct FileStats {
     pub insns: u64,
     /// Runs executed at the storage target rather than in the daemon.
     pub remote_runs: u64,
+    /// Writing runs whose reply waited for the kernel to drop the file's pages.
+    pub invalidations: u64,
     /// Time the daemon spent on runs, from a RUN request's arrival here to the end of the run
     /// (access checks, waiting for a worker and the lock, reads and execution; not the FUSE
     /// crossing).
@@ -287,6 +290,9 @@ pub struct Offload {
     /// When `expire` last looked.
     expired: Mutex<Instant>,
     invalidator: OnceLock<Mutex<Sender<Invalidate>>>,
+    /// Files the kernel may hold pages of: a read or write was served since the file's
+    /// pages were last dropped (or the kernel forgot the inode).
+    cached: DashMap<u64, ()>,
     /// Runs the FUSE workers hand over.
     runners: Workers,
     /// Verify and compile programs, apart from runs so that no user's runs delay loads.
@@ -360,6 +366,7 @@ impl Offload {
             stats: DashMap::new(),
             expired: Mutex::new(Instant::now()),
             invalidator: OnceLock::new(),
+            cached: DashMap::new(),
             // Runs go on the FUSE worker that has them while all but one of the FUSE
             // workers are free of runs, else to the runners.
             runners: Workers::new(
@@ -392,11 +399,27 @@ impl Offload {
         Ok(())
     }
 
-    /// Sends an answer: at once, or after invalidating what the run wrote.
+    /// Notes that the kernel may fill its page cache of `ino` from the read or write about
+    /// to be served. Called before the filesystem serves it: a writing run that ends after
+    /// this point finds the mark and drops the pages; one that ended before it wrote what
+    /// this read will see. Every read and write counts, O_DIRECT ones too, because the
+    /// kernel reads pages for mmap with the flags of the file it maps.
+    pub fn may_cache(&self, ino: Ino) {
+        if !self.cached.contains_key(&ino.0) {
+            self.cached.insert(ino.0, ());
+        }
+    }
+
+    /// Sends an answer: at once, or after dropping from the page cache what the run wrote
+    /// when the kernel may hold pages of the file.
     fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
         let (Some(tx), Some(range)) = (self.invalidator.get(), answer.written) else {
             return reply.ioctl(0, &answer.bytes);
         };
+        if self.cached.remove(&ino.0).is_none() {
+            return reply.ioctl(0, &answer.bytes);
+        }
+        self.stats.entry(ino.0).or_default().invalidations += 1;
         let job = Invalidate {
             ino,
             range,
@@ -1062,6 +1085,8 @@ impl Offload {
 
     /// The kernel forgot `ino`: if that was its end, its counters go too.
     pub fn forget(&self, ino: Ino) {
+        // The kernel forgets an inode when it evicts it, pages and all.
+        self.cached.remove(&ino.0);
         if self.stats.contains_key(&ino.0) && self.fs.getattr(ino).is_err() {
             self.stats.remove(&ino.0);
         }
@@ -1072,7 +1097,7 @@ impl Offload {
         let s = self.stats.get(&ino.0).map(|s| *s).unwrap_or_default();
         format!(
             "runs={} failures={} hops={} device_bytes={} bytes_returned={} insns={} \
-             remote_runs={} run_ns={}",
+             remote_runs={} invalidations={} run_ns={}",
             s.runs,
             s.failures,
             s.hops,
@@ -1080,6 +1105,7 @@ impl Offload {
             s.bytes_returned,
             s.insns,
             s.remote_runs,
+            s.invalidations,
             s.run_ns
         )
     }
