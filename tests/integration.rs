@@ -1187,36 +1187,36 @@ NEARFS_PROG("spin") long spin(struct nearfs_ctx *ctx)
     let f = File::open(t.path("block")).unwrap();
     let spin = nearfs_client::load(&f, &object, None).unwrap();
     let other = load_example(&t, "bytecount");
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let started = |prog: ProgId, arg: &'static [u8], tag: &'static str| {
-        let (path, done) = (t.path("block"), done_tx.clone());
+    // Each run's thread returns its result and the file's stats right after it: the
+    // daemon counts a run in them before it lets the user's next run start.
+    let started = |prog: ProgId, arg: &'static [u8]| {
+        let path = t.path("block");
         std::thread::spawn(move || {
-            let f = File::open(path).unwrap();
+            let f = File::open(&path).unwrap();
             let r = nearfs_client::run(&f, &Run::new(prog).arg(arg));
-            done.send(tag).unwrap();
-            r
+            let stats = String::from_utf8(getxattr(&path, "user.nearfs.stats").unwrap());
+            (r, stats.unwrap())
         })
     };
-    let long = started(spin, &[], "spin");
+    let long = started(spin, &[]);
     // While it runs, this user's next run waits for it: the user may have one run going
     // (offload_runs=1). (Other users' runs do not wait for this user's: the offload
     // workers take users in turn, see `fs/src/workers.rs`.)
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let queued = started(other, &[1], "queued");
+    let queued = started(other, &[1]);
     // The program can be unloaded mid-run; the run in progress is unaffected.
     nearfs_client::unload(&f, spin).unwrap();
-    match long.join().unwrap() {
+    match long.join().unwrap().0 {
         Err(nearfs_client::Error::RunFailed { kind, .. }) => {
             assert_eq!(kind, nearfs_client::abi::run_error::HOPS)
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(queued.join().unwrap().unwrap().result, 4096);
-    assert_eq!(done_rx.recv().unwrap(), "spin");
-    assert_eq!(
-        done_rx.recv().unwrap(),
-        "queued",
-        "the queued run ran after"
+    let (r, stats) = queued.join().unwrap();
+    assert_eq!(r.unwrap().result, 4096);
+    assert!(
+        stats.starts_with("runs=2 failures=1 "),
+        "the queued run ran after the long one had failed: {stats}"
     );
     assert_eq!(
         client_errno(&nearfs_client::run(&f, &Run::new(spin)).unwrap_err()),

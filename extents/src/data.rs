@@ -3,13 +3,23 @@
 //! Blocks that come newly into a file (holes being filled, unwritten extents being
 //! written) are always written whole, with zeros around the caller's bytes, so that no
 //! byte a block held for an earlier owner can ever be read through this file.
+//!
+//! Every operation here holds the file's I/O lock across its device I/O and takes the
+//! table lock only to look or to change metadata, before or after that I/O (`state.rs`):
+//! it plans under the table lock (fresh blocks are allocated then), does the I/O with
+//! only the file's lock held, and applies the change under the table lock again. Fresh
+//! blocks are mapped only after their bytes are written, so a commit in between captures
+//! the file as it was.
+
+use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
 use crate::access::Creds;
-use crate::alloc::Allocator;
+use crate::alloc::{Allocator, Run};
 use crate::error::{FsError, Result};
 use crate::extent_map::{Backing, ExtentMap, Segment};
-use crate::filesystem::{Fs, Inode, State, lock_read, lock_write};
+use crate::filesystem::Fs;
 use crate::format::{Extent, S_IFMT, S_IFREG, Timestamp};
+use crate::state::{Inode, IoLock, State};
 use crate::types::{BLOCK_SIZE, DevBlock, FileBlock, Ino, MAX_FILE_SIZE, blocks_for};
 
 /// `fallocate(2)` mode bits nearfs supports.
@@ -45,39 +55,128 @@ fn regular(i: &Inode) -> Result<()> {
     Ok(())
 }
 
-/// Fails with NoSpace unless the holes among `segs` can all be filled, so that an
-/// operation either gets all its blocks or changes nothing.
-fn ensure_space(segs: &[Segment], alloc: &Allocator) -> Result<()> {
+/// Allocates fresh blocks for each hole among `segs` (none for the others), all or
+/// nothing: NoSpace, with nothing allocated, unless every hole can be filled.
+fn allocate_holes(
+    segs: Vec<Segment>,
+    map: &ExtentMap,
+    alloc: &mut Allocator,
+) -> Result<Vec<(Segment, Vec<Run>)>> {
     let need: u64 = segs
         .iter()
         .filter(|s| s.backing == Backing::Hole)
         .map(|s| s.len)
         .sum();
     if need > alloc.free_blocks() {
-        Err(FsError::NoSpace)
-    } else {
-        Ok(())
+        return Err(FsError::NoSpace);
     }
+    let mut plan = Vec::with_capacity(segs.len());
+    // Each hole continues where the previous one's blocks ended, as it will in the map.
+    let mut goal = None;
+    for seg in segs {
+        let runs = if seg.backing == Backing::Hole {
+            let runs = alloc.allocate(seg.len, goal.or_else(|| map.goal_for(seg.file)));
+            if runs.is_empty() {
+                release_all(alloc, &plan);
+                return Err(FsError::NoSpace);
+            }
+            goal = runs.last().map(|r| DevBlock(r.start.0 + r.len));
+            runs
+        } else {
+            Vec::new()
+        };
+        plan.push((seg, runs));
+    }
+    Ok(plan)
+}
+
+/// Gives back the fresh blocks of a plan that was not applied: no metadata refers to
+/// them, so they are free at once.
+fn release_all(alloc: &mut Allocator, plan: &[(Segment, Vec<Run>)]) {
+    for run in plan.iter().flat_map(|(_, runs)| runs) {
+        let _ = alloc.release(*run);
+    }
+}
+
+/// Maps fresh `runs` as the file's blocks from `file` on.
+fn map_fresh(map: &mut ExtentMap, file: FileBlock, runs: &[Run], unwritten: bool) {
+    let mut at = file.0;
+    for run in runs {
+        map.insert(Extent {
+            file: FileBlock(at),
+            dev: run.start,
+            len: run.len,
+            unwritten,
+        });
+        at += run.len;
+    }
+}
+
+/// The device byte ranges holding the written bytes `[lo, hi)` of a file.
+fn written_ranges(map: &ExtentMap, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    if lo >= hi {
+        return Vec::new();
+    }
+    let first = lo / BLOCK_SIZE;
+    map.segments(FileBlock(first), blocks_for(hi) - first)
+        .iter()
+        .filter_map(|seg| {
+            let Backing::Written(dev) = seg.backing else {
+                return None;
+            };
+            let (s, e) = seg_bytes(seg);
+            let (a, b) = (s.max(lo), e.min(hi));
+            Some((dev.byte_offset() + (a - s), b - a))
+        })
+        .collect()
+}
+
+/// Shares a file's I/O lock (see `state.rs`). The lock guards no data, so a panic of an
+/// earlier holder does not matter.
+pub(crate) fn shared(io: &IoLock) -> RwLockReadGuard<'_, ()> {
+    io.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds a file's I/O lock alone.
+pub(crate) fn exclusive(io: &IoLock) -> RwLockWriteGuard<'_, ()> {
+    io.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a truncation treats the file's partial last block (see [`Fs::prepare_truncate`]).
+#[derive(Debug)]
+pub(crate) enum Tail {
+    /// Nothing to do: the new size is on a block boundary, in a hole, or not smaller.
+    Keep,
+    /// A fresh block holding the bytes before the new size and zeros after, to map in
+    /// place of the old one.
+    Copy(Run),
+    /// No block was free: zero the bytes from the new size to the block's end where they
+    /// are (device byte offset, length), once the truncation is applied.
+    ZeroInPlace(u64, u64),
 }
 
 impl Fs {
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
-        // The shared lock is held across the device reads: blocks of this file cannot be
-        // freed and handed to another file while they are being read.
-        let st = lock_read(&self.state);
-        let i = st.get(ino)?;
-        regular(i)?;
-        if offset >= i.size {
-            return Ok(Vec::new());
-        }
-        let end = i.size.min(offset.saturating_add(u64::from(len)));
+        let io = self.table().io(ino)?;
+        // Held across the device reads: the blocks read cannot be freed meanwhile.
+        let _reading = shared(&io);
+        let (segs, end) = {
+            let st = self.table();
+            let i = st.get(ino)?;
+            regular(i)?;
+            if offset >= i.size {
+                return Ok(Vec::new());
+            }
+            let end = i.size.min(offset.saturating_add(u64::from(len)));
+            let first = offset / BLOCK_SIZE;
+            let segs = i
+                .extents
+                .segments(FileBlock(first), blocks_for(end) - first);
+            (segs, end)
+        };
         let mut out = vec![0u8; (end - offset) as usize];
-        let first = offset / BLOCK_SIZE;
-        for seg in i
-            .extents
-            .segments(FileBlock(first), blocks_for(end) - first)
-        {
+        for seg in segs {
             let Backing::Written(dev) = seg.backing else {
                 continue;
             };
@@ -105,47 +204,54 @@ impl Fs {
             return Err(FsError::FileTooBig);
         }
         self.retry_on_space(|| {
-            let mut st = lock_write(&self.state);
-            self.write_locked(&mut st, cr, ino, offset, data)
+            let io = self.table().io(ino)?;
+            let _writing = exclusive(&io);
+            self.write_exclusive(cr, ino, offset, data)
         })
     }
 
-    fn write_locked(
-        &self,
-        st: &mut State,
-        cr: &Creds,
-        ino: Ino,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<usize> {
+    /// [`Fs::write`] with the file's I/O lock held exclusively.
+    fn write_exclusive(&self, cr: &Creds, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
         let end = offset + data.len() as u64;
+        let plan = {
+            let mut st = self.table_mut()?;
+            let State { inodes, alloc, .. } = &mut *st;
+            let i = inodes.get(&ino.0).ok_or(FsError::NotFound)?;
+            regular(i)?;
+            let first = offset / BLOCK_SIZE;
+            let segs = i
+                .extents
+                .segments(FileBlock(first), blocks_for(end) - first);
+            allocate_holes(segs, &i.extents, alloc)?
+        };
+        let written = self.write_planned(&plan, offset, data);
+        let mut st = self.table_mut()?;
         let State {
             inodes,
             alloc,
             dirty_inodes,
             ..
-        } = st;
-        let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
-        regular(i)?;
-        let first = offset / BLOCK_SIZE;
-        let segs = i
-            .extents
-            .segments(FileBlock(first), blocks_for(end) - first);
-        ensure_space(&segs, alloc)?;
-        dirty_inodes.insert(ino.0);
-        for seg in segs {
-            let (s, e) = seg_bytes(&seg);
-            let (lo, hi) = (s.max(offset), e.min(end));
-            let src = &data[(lo - offset) as usize..(hi - offset) as usize];
+        } = &mut *st;
+        let i = match (written, inodes.get_mut(&ino.0)) {
+            (Ok(()), Some(i)) => i,
+            (Err(e), _) => {
+                release_all(alloc, &plan);
+                return Err(e);
+            }
+            // Deleted meanwhile (possible only without an open handle): nothing to map.
+            (Ok(()), None) => {
+                release_all(alloc, &plan);
+                return Err(FsError::NotFound);
+            }
+        };
+        for (seg, runs) in &plan {
             match seg.backing {
-                Backing::Written(dev) => self.dev.write_at(src, dev.byte_offset() + (lo - s))?,
-                Backing::Unwritten(dev) => {
-                    self.write_whole_blocks(dev, &seg, lo, src)?;
-                    i.extents.mark_written(seg.file, seg.len);
-                }
-                Backing::Hole => self.fill_hole(&mut i.extents, alloc, &seg, lo, src, false)?,
+                Backing::Written(_) => {}
+                Backing::Unwritten(_) => i.extents.mark_written(seg.file, seg.len),
+                Backing::Hole => map_fresh(&mut i.extents, seg.file, runs, false),
             }
         }
+        dirty_inodes.insert(ino.0);
         let now = Timestamp::now();
         i.size = i.size.max(end);
         i.mtime = now;
@@ -158,6 +264,23 @@ impl Fs {
             i.mode &= !0o2000;
         }
         Ok(data.len())
+    }
+
+    /// The device writes of a planned write: over written blocks in place, into unwritten
+    /// and fresh blocks whole.
+    fn write_planned(&self, plan: &[(Segment, Vec<Run>)], offset: u64, data: &[u8]) -> Result<()> {
+        let end = offset + data.len() as u64;
+        for (seg, runs) in plan {
+            let (s, e) = seg_bytes(seg);
+            let (lo, hi) = (s.max(offset), e.min(end));
+            let src = &data[(lo - offset) as usize..(hi - offset) as usize];
+            match seg.backing {
+                Backing::Written(dev) => self.dev.write_at(src, dev.byte_offset() + (lo - s))?,
+                Backing::Unwritten(dev) => self.write_whole_blocks(dev, seg, lo, src)?,
+                Backing::Hole => self.write_fresh(seg.file, runs, lo, src)?,
+            }
+        }
+        Ok(())
     }
 
     /// Writes `src` (file bytes from `lo`) into the whole blocks of `seg` stored at `dev`,
@@ -173,66 +296,90 @@ impl Fs {
         Ok(self.dev.write_at(&buf, dev.byte_offset())?)
     }
 
-    /// Allocates blocks for a hole segment, writes them whole, and maps them — as
-    /// unwritten extents with nothing written when `unwritten` is set (fallocate).
-    fn fill_hole(
-        &self,
-        map: &mut ExtentMap,
-        alloc: &mut Allocator,
-        seg: &Segment,
-        lo: u64,
-        src: &[u8],
-        unwritten: bool,
-    ) -> Result<()> {
-        let runs = alloc.allocate(seg.len, map.goal_for(seg.file));
-        if runs.is_empty() {
-            return Err(FsError::NoSpace);
-        }
-        let mut file = seg.file.0;
-        let mut failed = None;
-        for run in &runs {
+    /// Writes `src` (file bytes from `lo`) whole into fresh `runs`, which are to hold the
+    /// file's blocks from `file` on.
+    fn write_fresh(&self, file: FileBlock, runs: &[Run], lo: u64, src: &[u8]) -> Result<()> {
+        let src_end = lo + src.len() as u64;
+        let mut at = file.0;
+        for run in runs {
             let piece = Segment {
-                file: FileBlock(file),
+                file: FileBlock(at),
                 len: run.len,
                 backing: Backing::Hole,
             };
-            if failed.is_none() && !unwritten {
-                let (s, e) = seg_bytes(&piece);
-                let src_end = lo + src.len() as u64;
-                let (plo, phi) = (s.max(lo), e.min(src_end));
-                let (at, bytes) = if plo < phi {
-                    (plo, &src[(plo - lo) as usize..(phi - lo) as usize])
-                } else {
-                    (s, &[][..])
-                };
-                if let Err(err) = self.write_whole_blocks(run.start, &piece, at, bytes) {
-                    failed = Some(err);
-                }
-            }
-            if failed.is_none() {
-                map.insert(Extent {
-                    file: FileBlock(file),
-                    dev: run.start,
-                    len: run.len,
-                    unwritten,
-                });
+            let (s, e) = seg_bytes(&piece);
+            let (plo, phi) = (s.max(lo), e.min(src_end));
+            let (from, bytes) = if plo < phi {
+                (plo, &src[(plo - lo) as usize..(phi - lo) as usize])
             } else {
-                // Never referenced by any metadata: safe to reuse at once.
-                let _ = alloc.release(*run);
-            }
-            file += run.len;
+                (s, &[][..])
+            };
+            self.write_whole_blocks(run.start, &piece, from, bytes)?;
+            at += run.len;
         }
-        failed.map_or(Ok(()), Err)
+        Ok(())
     }
 
-    /// Sets the size of a regular file, freeing blocks past the new end and zeroing the
-    /// tail of a partial last block (so that growing the file again reads zeros).
+    /// The device work of truncating `ino` to `size`, done before the truncation is
+    /// applied, with the file's I/O lock held exclusively.
     ///
-    /// The tail is zeroed in a copy of that block, mapped in its place: zeroing it where it
-    /// is would destroy committed bytes before the truncation itself is committed, and a
-    /// crash in between would show the old size with zeros inside it. Only on a full
-    /// device does it fall back to zeroing in place.
-    pub(crate) fn truncate_locked(&self, st: &mut State, ino: Ino, size: u64) -> Result<()> {
+    /// The tail of a partial last block is zeroed in a copy of that block, mapped in its
+    /// place by [`Fs::truncate_locked`]: zeroing it where it is would destroy committed
+    /// bytes before the truncation itself is committed, and a crash in between would show
+    /// the old size with zeros inside it. Only on a full device is it zeroed in place.
+    pub(crate) fn prepare_truncate(&self, ino: Ino, size: u64) -> Result<Tail> {
+        let tail = size % BLOCK_SIZE;
+        let dev = {
+            let st = self.table();
+            let i = st.get(ino)?;
+            if size >= i.size || tail == 0 {
+                return Ok(Tail::Keep);
+            }
+            match i.extents.segments(FileBlock(size / BLOCK_SIZE), 1)[..] {
+                [
+                    Segment {
+                        backing: Backing::Written(dev),
+                        ..
+                    },
+                ] => dev,
+                _ => return Ok(Tail::Keep),
+            }
+        };
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        self.dev
+            .read_at(&mut block[..tail as usize], dev.byte_offset())?;
+        let copy = self.table_mut()?.alloc.allocate(1, Some(dev));
+        let [copy] = copy[..] else {
+            return Ok(Tail::ZeroInPlace(
+                dev.byte_offset() + tail,
+                BLOCK_SIZE - tail,
+            ));
+        };
+        match self.dev.write_at(&block, copy.start.byte_offset()) {
+            Ok(()) => Ok(Tail::Copy(copy)),
+            Err(e) => {
+                self.release_tail(Tail::Copy(copy));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Gives back a prepared tail block that was not used.
+    pub(crate) fn release_tail(&self, tail: Tail) {
+        if let (Tail::Copy(run), Ok(mut st)) = (tail, self.table_mut()) {
+            let _ = st.alloc.release(run);
+        }
+    }
+
+    /// Sets the size of a regular file, freeing blocks past the new end and mapping the
+    /// prepared copy of a partial last block ([`Fs::prepare_truncate`]).
+    pub(crate) fn truncate_locked(
+        &self,
+        st: &mut State,
+        ino: Ino,
+        size: u64,
+        tail: &Tail,
+    ) -> Result<()> {
         let State {
             inodes,
             alloc,
@@ -242,55 +389,28 @@ impl Fs {
         } = st;
         let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
         dirty_inodes.insert(ino.0);
-        if size >= i.size {
-            i.size = size;
-            return Ok(());
+        if size < i.size {
+            pending_free
+                .runs
+                .extend(i.extents.remove(FileBlock(blocks_for(size)), u64::MAX));
         }
-        pending_free.extend(i.extents.remove(FileBlock(blocks_for(size)), u64::MAX));
-        let tail = (size % BLOCK_SIZE) as usize;
-        let last = FileBlock(size / BLOCK_SIZE);
-        if tail != 0
-            && let [seg] = i.extents.segments(last, 1)[..]
-            && let Backing::Written(dev) = seg.backing
-        {
-            let mut block = vec![0u8; BLOCK_SIZE as usize];
-            self.dev.read_at(&mut block[..tail], dev.byte_offset())?;
-            match alloc.allocate(1, Some(dev))[..] {
-                [copy] => {
-                    if let Err(e) = self.dev.write_at(&block, copy.start.byte_offset()) {
-                        let _ = alloc.release(copy);
-                        return Err(e.into());
-                    }
-                    pending_free.extend(i.extents.remove(last, 1));
-                    i.extents.insert(Extent {
-                        file: last,
-                        dev: copy.start,
-                        len: 1,
-                        unwritten: false,
-                    });
-                }
-                _ => self
-                    .dev
-                    .write_at(&block[tail..], dev.byte_offset() + tail as u64)?,
+        if let Tail::Copy(copy) = *tail {
+            let last = FileBlock(size / BLOCK_SIZE);
+            if size < i.size {
+                pending_free.runs.extend(i.extents.remove(last, 1));
+                map_fresh(&mut i.extents, last, &[copy], false);
+            } else {
+                let _ = alloc.release(copy);
             }
         }
         i.size = size;
         Ok(())
     }
 
-    /// Zeros `[lo, hi)` of the file in place where it is written (edges of a punched range).
-    fn zero_in_place(&self, map: &ExtentMap, lo: u64, hi: u64) -> Result<()> {
-        if lo >= hi {
-            return Ok(());
-        }
-        let first = lo / BLOCK_SIZE;
-        for seg in map.segments(FileBlock(first), blocks_for(hi) - first) {
-            if let Backing::Written(dev) = seg.backing {
-                let (s, e) = seg_bytes(&seg);
-                let (a, b) = (s.max(lo), e.min(hi));
-                self.dev
-                    .write_at(&vec![0u8; (b - a) as usize], dev.byte_offset() + (a - s))?;
-            }
+    /// The device work left after a truncation is applied (see [`Tail::ZeroInPlace`]).
+    pub(crate) fn finish_truncate(&self, tail: Tail) -> Result<()> {
+        if let Tail::ZeroInPlace(at, len) = tail {
+            self.dev.write_at(&vec![0u8; len as usize], at)?;
         }
         Ok(())
     }
@@ -315,39 +435,51 @@ impl Fs {
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooBig)?;
         self.retry_on_space(|| {
-            let mut st = lock_write(&self.state);
-            self.fallocate_locked(&mut st, ino, offset, end, mode)
+            let io = self.table().io(ino)?;
+            let _writing = exclusive(&io);
+            self.fallocate_exclusive(ino, offset, end, mode)
         })
     }
 
-    fn fallocate_locked(
-        &self,
-        st: &mut State,
-        ino: Ino,
-        offset: u64,
-        end: u64,
-        mode: u32,
-    ) -> Result<()> {
+    /// [`Fs::fallocate`] with the file's I/O lock held exclusively.
+    fn fallocate_exclusive(&self, ino: Ino, offset: u64, end: u64, mode: u32) -> Result<()> {
+        let zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0;
+        // Whole blocks inside the range are unmapped; partial edge blocks are zeroed in
+        // place, first.
+        let (full_lo, full_hi) = (blocks_for(offset), end / BLOCK_SIZE);
+        let edges = {
+            let st = self.table();
+            let i = st.get(ino)?;
+            regular(i)?;
+            match (zeroing, full_lo < full_hi) {
+                (false, _) => Vec::new(),
+                (true, true) => [
+                    written_ranges(&i.extents, offset, full_lo * BLOCK_SIZE),
+                    written_ranges(&i.extents, full_hi * BLOCK_SIZE, end),
+                ]
+                .concat(),
+                (true, false) => written_ranges(&i.extents, offset, end),
+            }
+        };
+        for (at, len) in edges {
+            self.dev.write_at(&vec![0u8; len as usize], at)?;
+        }
+        let mut st = self.table_mut()?;
         let State {
             inodes,
             alloc,
             dirty_inodes,
             pending_free,
             ..
-        } = st;
+        } = &mut *st;
         let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
-        regular(i)?;
         dirty_inodes.insert(ino.0);
         let now = Timestamp::now();
-        // Whole blocks inside the range; partial edge blocks are zeroed in place.
-        let (full_lo, full_hi) = (blocks_for(offset), end / BLOCK_SIZE);
-        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+        if zeroing {
             if full_lo < full_hi {
-                self.zero_in_place(&i.extents, offset, full_lo * BLOCK_SIZE)?;
-                self.zero_in_place(&i.extents, full_hi * BLOCK_SIZE, end)?;
-                pending_free.extend(i.extents.remove(FileBlock(full_lo), full_hi - full_lo));
-            } else {
-                self.zero_in_place(&i.extents, offset, end)?;
+                pending_free
+                    .runs
+                    .extend(i.extents.remove(FileBlock(full_lo), full_hi - full_lo));
             }
             i.mtime = now;
             i.ctime = now;
@@ -357,16 +489,10 @@ impl Fs {
             let segs = i
                 .extents
                 .segments(FileBlock(first), blocks_for(end) - first);
-            ensure_space(&segs, alloc)?;
-            for seg in segs.iter().filter(|s| s.backing == Backing::Hole) {
-                self.fill_hole(
-                    &mut i.extents,
-                    alloc,
-                    seg,
-                    seg.file.0 * BLOCK_SIZE,
-                    &[],
-                    true,
-                )?;
+            for (seg, runs) in allocate_holes(segs, &i.extents, alloc)? {
+                if seg.backing == Backing::Hole {
+                    map_fresh(&mut i.extents, seg.file, &runs, true);
+                }
             }
             if mode & FALLOC_FL_KEEP_SIZE == 0 && end > i.size {
                 i.size = end;
@@ -379,7 +505,7 @@ impl Fs {
 
     /// lseek(2) with SEEK_DATA or SEEK_HOLE. Unwritten extents count as holes.
     pub fn lseek(&self, ino: Ino, offset: u64, whence: u32) -> Result<u64> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         regular(i)?;
         if offset >= i.size {
@@ -405,54 +531,51 @@ impl Fs {
 
     /// Calls `f` with a regular file's data where it lies on the device, for code that
     /// works on it in place (offload). The file's extents stay as they are until `f`
-    /// returns: writers wait, and with `exclusive` so does everyone else, which makes a
-    /// read-modify-write in `f` atomic with respect to `write()` and other such calls.
-    /// `f` returns whether it wrote file bytes (only allowed when `exclusive`, and only
-    /// within written extents); if so the file's mtime and ctime are updated.
+    /// returns: writers of the file wait, and with `exclusive` so do its readers, which
+    /// makes a read-modify-write in `f` atomic with respect to `write()` and other such
+    /// calls. Other files are not held up. `f` returns whether it wrote file bytes (only
+    /// allowed when `exclusive`, and only within written extents); if so the file's mtime
+    /// and ctime are updated.
     pub fn in_place<R>(
         &self,
         ino: Ino,
         exclusive: bool,
         f: impl FnOnce(&InPlace<'_>) -> (R, bool),
     ) -> Result<R> {
+        if exclusive && self.opts.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let io = self.table().io(ino)?;
+        let (_writing, _reading);
         if exclusive {
-            if self.opts.read_only {
-                return Err(FsError::ReadOnly);
-            }
-            let mut st = lock_write(&self.state);
-            let (r, wrote) = {
-                let i = st.get(ino)?;
-                regular(i)?;
-                f(&InPlace {
-                    device: self.dev.as_ref(),
-                    extents: i.extents.extents(),
-                    size: i.size,
-                })
-            };
-            if wrote {
-                let now = Timestamp::now();
-                let i = st.inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
-                i.mtime = now;
-                i.ctime = now;
-                st.dirty_inodes.insert(ino.0);
-            }
-            Ok(r)
+            _writing = self::exclusive(&io);
         } else {
-            let st = lock_read(&self.state);
+            _reading = shared(&io);
+        }
+        let (extents, size) = {
+            let st = self.table();
             let i = st.get(ino)?;
             regular(i)?;
-            let (r, _) = f(&InPlace {
-                device: self.dev.as_ref(),
-                extents: i.extents.extents(),
-                size: i.size,
-            });
-            Ok(r)
+            (i.extents.extents(), i.size)
+        };
+        let (r, wrote) = f(&InPlace {
+            device: self.dev.as_ref(),
+            extents,
+            size,
+        });
+        if wrote && exclusive {
+            let now = Timestamp::now();
+            let mut st = self.table_mut()?;
+            let i = st.get_mut(ino)?;
+            i.mtime = now;
+            i.ctime = now;
         }
+        Ok(r)
     }
 
     /// The extents of a file, in file order.
     pub fn extents(&self, ino: Ino) -> Result<Vec<Extent>> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         Ok(st.get(ino)?.extents.extents())
     }
 

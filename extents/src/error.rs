@@ -55,6 +55,9 @@ pub enum FsError {
     Io(io::Error),
     /// An inode vanished while in use: an internal inconsistency, reported, never panicked on.
     Dangling(Ino),
+    /// An operation panicked while changing metadata; nothing more is changed or committed
+    /// until the filesystem is mounted again, so its half-done change never persists.
+    Halted,
 }
 
 impl fmt::Display for FsError {
@@ -83,6 +86,10 @@ impl fmt::Display for FsError {
             FsError::Store(e) => write!(f, "metadata store: {e}"),
             FsError::Io(e) => write!(f, "device I/O: {e}"),
             FsError::Dangling(ino) => write!(f, "internal: inode {ino} is referenced but missing"),
+            FsError::Halted => write!(
+                f,
+                "an operation failed midway; changes are refused until the filesystem is mounted again"
+            ),
         }
     }
 }

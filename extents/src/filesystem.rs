@@ -5,28 +5,30 @@
 //! makes crashes safe:
 //!
 //! 1. file data goes straight to its extents on the device;
-//! 2. a commit takes a consistent batch of changed records under the state lock,
+//! 2. a commit takes a consistent batch of changed records under the table lock,
 //!    flushes the device (so every data block the batch references is durable), then
 //!    commits the batch;
 //! 3. blocks freed before the batch was taken return to the allocator only after the
 //!    batch is durable — until then the committed metadata may still point at them, and
-//!    reusing them could show one file's bytes through another after a crash.
+//!    reusing them could show one file's bytes through another after a crash — and after
+//!    every read or run that may still be reading them has ended (`state::Freed`).
 //!
 //! A crash therefore leaves exactly the last committed state, whose data blocks all
-//! hold what was written to them before that commit.
+//! hold what was written to them before that commit. An operation that panics while
+//! changing the table poisons its lock; from then on nothing is changed or committed
+//! ([`FsError::Halted`]), so its half-done change never reaches the device.
+//!
+//! Locking is described in `state.rs`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use blockdev::BlockDevice;
 
-use crate::alloc::{Allocator, Run};
 use crate::error::{FsError, Result};
-use crate::extent_map::ExtentMap;
-use crate::format::{FORMAT_VERSION, InodeRecord, S_IFDIR, S_IFMT, Superblock, Timestamp};
+use crate::format::{FORMAT_VERSION, InodeRecord, Superblock, Timestamp};
 use crate::meta::{MetaRegion, MetaUsage};
-use crate::store::{self, Batch};
+use crate::state::State;
+use crate::store;
 use crate::types::{BLOCK_SIZE, Ino};
 
 /// Options for opening (mounting) a filesystem.
@@ -39,233 +41,6 @@ pub struct MountOptions {
     pub kernel_refs: bool,
 }
 
-/// A directory's entries in memory.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Dir {
-    /// name -> (child, readdir cookie)
-    pub entries: BTreeMap<Vec<u8>, (u64, u64)>,
-    /// cookie -> name; readdir walks this, so entries added or removed during a listing
-    /// never make it skip or repeat the others.
-    pub order: BTreeMap<u64, Vec<u8>>,
-    pub next_cookie: u64,
-}
-
-/// First cookie of a real entry; 0 and 1 are "." and "..".
-pub(crate) const FIRST_COOKIE: u64 = 2;
-
-impl Dir {
-    pub fn new() -> Self {
-        Self {
-            next_cookie: FIRST_COOKIE,
-            ..Self::default()
-        }
-    }
-
-    pub fn insert(&mut self, name: Vec<u8>, child: u64) -> u64 {
-        let cookie = self.next_cookie;
-        self.next_cookie += 1;
-        self.order.insert(cookie, name.clone());
-        self.entries.insert(name, (child, cookie));
-        cookie
-    }
-
-    pub fn remove(&mut self, name: &[u8]) -> Option<u64> {
-        let (child, cookie) = self.entries.remove(name)?;
-        self.order.remove(&cookie);
-        Some(child)
-    }
-}
-
-/// One inode in memory.
-#[derive(Debug)]
-pub(crate) struct Inode {
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub nlink: u32,
-    pub size: u64,
-    pub atime: Timestamp,
-    pub mtime: Timestamp,
-    pub ctime: Timestamp,
-    pub crtime: Timestamp,
-    pub rdev: u32,
-    pub generation: u64,
-    pub parent: u64,
-    pub extents: ExtentMap,
-    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-    pub target: Vec<u8>,
-    pub dir: Option<Dir>,
-    /// Open handles (not persisted).
-    pub open: u32,
-    /// Kernel lookup references (not persisted). Atomic so lookups can count them under
-    /// the shared lock.
-    pub refs: AtomicU64,
-}
-
-impl Inode {
-    pub fn is_dir(&self) -> bool {
-        self.mode & S_IFMT == S_IFDIR
-    }
-
-    pub fn owner(&self) -> crate::access::Owner {
-        crate::access::Owner {
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-        }
-    }
-
-    pub fn record(&self) -> InodeRecord {
-        InodeRecord {
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-            nlink: self.nlink,
-            size: self.size,
-            atime: self.atime,
-            mtime: self.mtime,
-            ctime: self.ctime,
-            crtime: self.crtime,
-            rdev: self.rdev,
-            generation: self.generation,
-            parent: self.parent,
-            extents: self.extents.extents(),
-            xattrs: self
-                .xattrs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            target: self.target.clone(),
-        }
-    }
-
-    pub fn from_record(rec: InodeRecord, extents: ExtentMap) -> Self {
-        let dir = (rec.mode & S_IFMT == S_IFDIR).then(Dir::new);
-        Self {
-            mode: rec.mode,
-            uid: rec.uid,
-            gid: rec.gid,
-            nlink: rec.nlink,
-            size: rec.size,
-            atime: rec.atime,
-            mtime: rec.mtime,
-            ctime: rec.ctime,
-            crtime: rec.crtime,
-            rdev: rec.rdev,
-            generation: rec.generation,
-            parent: rec.parent,
-            extents,
-            xattrs: rec.xattrs.into_iter().collect(),
-            target: rec.target,
-            dir,
-            open: 0,
-            refs: AtomicU64::new(0),
-        }
-    }
-}
-
-/// Mutable state of a mounted filesystem.
-#[derive(Debug)]
-pub(crate) struct State {
-    pub inodes: HashMap<u64, Inode>,
-    pub alloc: Allocator,
-    pub next_ino: u64,
-    pub next_generation: u64,
-    /// Inodes whose record changed (or that were deleted) since the last commit.
-    pub dirty_inodes: HashSet<u64>,
-    /// Directory entries that changed (or were removed) since the last commit.
-    pub dirty_dirents: HashSet<(u64, Vec<u8>)>,
-    /// Blocks freed since the last batch was taken; reusable once a commit is durable.
-    pub pending_free: Vec<Run>,
-}
-
-impl State {
-    pub fn get(&self, ino: Ino) -> Result<&Inode> {
-        self.inodes.get(&ino.0).ok_or(FsError::NotFound)
-    }
-
-    pub fn get_mut(&mut self, ino: Ino) -> Result<&mut Inode> {
-        self.dirty_inodes.insert(ino.0);
-        self.inodes.get_mut(&ino.0).ok_or(FsError::NotFound)
-    }
-
-    /// The inode `name` names in directory `parent`.
-    pub fn child(&self, parent: Ino, name: &[u8]) -> Result<Ino> {
-        let dir = self.get(parent)?.dir.as_ref().ok_or(FsError::NotDir)?;
-        dir.entries
-            .get(name)
-            .map(|e| Ino(e.0))
-            .ok_or(FsError::NotFound)
-    }
-
-    /// Adds `name -> child` to directory `parent`.
-    pub fn add_entry(&mut self, parent: Ino, name: &[u8], child: Ino) -> Result<()> {
-        let dir = self.get_mut(parent)?.dir.as_mut().ok_or(FsError::NotDir)?;
-        dir.insert(name.to_vec(), child.0);
-        self.dirty_dirents.insert((parent.0, name.to_vec()));
-        Ok(())
-    }
-
-    /// Removes `name` from directory `parent`, returning the child it named.
-    pub fn remove_entry(&mut self, parent: Ino, name: &[u8]) -> Result<Ino> {
-        let dir = self.get_mut(parent)?.dir.as_mut().ok_or(FsError::NotDir)?;
-        let child = dir.remove(name).ok_or(FsError::NotFound)?;
-        self.dirty_dirents.insert((parent.0, name.to_vec()));
-        Ok(Ino(child))
-    }
-
-    /// Frees an inode once nothing refers to it: no links, no open handle, no kernel
-    /// reference.
-    pub fn reap(&mut self, ino: Ino) {
-        let Some(i) = self.inodes.get(&ino.0) else {
-            return;
-        };
-        if i.nlink > 0 || i.open > 0 || i.refs.load(Ordering::Relaxed) > 0 || ino == Ino::ROOT {
-            return;
-        }
-        let mut i = self.inodes.remove(&ino.0).expect("checked above");
-        self.pending_free
-            .extend(i.extents.remove(crate::types::FileBlock(0), u64::MAX));
-        self.dirty_inodes.insert(ino.0);
-    }
-
-    fn take_batch(&mut self) -> (Batch, Vec<Run>) {
-        let inodes = self
-            .dirty_inodes
-            .drain()
-            .map(|ino| (ino, self.inodes.get(&ino).map(|i| i.record().encode())))
-            .collect();
-        let dirents = self
-            .dirty_dirents
-            .drain()
-            .map(|(dir, name)| {
-                let val = self
-                    .inodes
-                    .get(&dir)
-                    .and_then(|d| d.dir.as_ref())
-                    .and_then(|d| d.entries.get(&name).copied());
-                ((dir, name), val)
-            })
-            .collect();
-        let batch = Batch {
-            inodes,
-            dirents,
-            next_ino: self.next_ino,
-            next_generation: self.next_generation,
-        };
-        (batch, std::mem::take(&mut self.pending_free))
-    }
-
-    /// Puts a batch that failed to commit back, so that the next commit retries it.
-    fn restore_batch(&mut self, batch: Batch, freed: Vec<Run>) {
-        self.dirty_inodes
-            .extend(batch.inodes.into_iter().map(|(ino, _)| ino));
-        self.dirty_dirents
-            .extend(batch.dirents.into_iter().map(|(k, _)| k));
-        self.pending_free.extend(freed);
-    }
-}
-
 /// A mounted nearfs filesystem. All operations take `&self` and may run concurrently.
 #[derive(Debug)]
 pub struct Fs {
@@ -273,7 +48,8 @@ pub struct Fs {
     pub(crate) sb: Superblock,
     /// None when mounted read-only.
     db: Option<redb::Database>,
-    pub(crate) state: RwLock<State>,
+    /// The table lock (`state.rs`).
+    state: RwLock<State>,
     commit_lock: Mutex<()>,
     pub(crate) opts: MountOptions,
     meta_usage: MetaUsage,
@@ -305,14 +81,6 @@ fn random_uuid() -> [u8; 16] {
     uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
     uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
     uuid
-}
-
-pub(crate) fn lock_read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-pub(crate) fn lock_write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -435,7 +203,8 @@ impl Fs {
             opts,
             meta_usage,
         };
-        let orphans: Vec<u64> = lock_read(&fs.state)
+        let orphans: Vec<u64> = fs
+            .table()
             .inodes
             .iter()
             .filter(|(_, i)| i.nlink == 0)
@@ -443,7 +212,7 @@ impl Fs {
             .collect();
         if !orphans.is_empty() && !opts.read_only {
             tracing::info!(count = orphans.len(), "removing orphaned inodes");
-            let mut st = lock_write(&fs.state);
+            let mut st = fs.table_mut()?;
             for ino in orphans {
                 st.reap(Ino(ino));
             }
@@ -451,6 +220,17 @@ impl Fs {
             fs.commit()?;
         }
         Ok(fs)
+    }
+
+    /// The table, to read. Reading through a poisoned lock is safe (nothing read is
+    /// committed), and lets a halted filesystem still be inspected.
+    pub(crate) fn table(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The table, to change; refused once an operation panicked while changing it.
+    pub(crate) fn table_mut(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        self.state.write().map_err(|_| FsError::Halted)
     }
 
     /// The superblock this filesystem was mounted with.
@@ -470,7 +250,7 @@ impl Fs {
 
     /// Whether anything changed since the last commit.
     pub fn is_dirty(&self) -> bool {
-        let st = lock_read(&self.state);
+        let st = self.table();
         !st.dirty_inodes.is_empty() || !st.dirty_dirents.is_empty() || !st.pending_free.is_empty()
     }
 
@@ -478,7 +258,7 @@ impl Fs {
     pub fn commit(&self) -> Result<()> {
         let Some(db) = &self.db else { return Ok(()) };
         let _one_at_a_time = lock(&self.commit_lock);
-        let (batch, freed) = lock_write(&self.state).take_batch();
+        let (batch, freed) = self.table_mut()?.take_batch();
         if batch.is_empty() && freed.is_empty() {
             return self.dev.flush().map_err(FsError::from);
         }
@@ -487,10 +267,19 @@ impl Fs {
             .flush()
             .map_err(FsError::from)
             .and_then(|()| store::apply(db, &batch));
-        let mut st = lock_write(&self.state);
+        if result.is_ok() {
+            // Reads and runs of deleted files that may still be reading their blocks.
+            for io in &freed.retired {
+                drop(io.write().unwrap_or_else(|e| e.into_inner()));
+            }
+        }
+        let Ok(mut st) = self.table_mut() else {
+            // Halted while the batch was out: keep the freed blocks out of use.
+            return result.and(Err(FsError::Halted));
+        };
         match result {
             Ok(()) => {
-                for run in freed {
+                for run in freed.runs {
                     if let Err(e) = st.alloc.release(run) {
                         tracing::error!(?e, "freed blocks were already free; leaking them");
                     }
@@ -509,7 +298,7 @@ impl Fs {
     /// and runs it once more.
     pub(crate) fn retry_on_space<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
         match op() {
-            Err(FsError::NoSpace) if !lock_read(&self.state).pending_free.is_empty() => {
+            Err(FsError::NoSpace) if !self.table().pending_free.is_empty() => {
                 self.commit()?;
                 op()
             }
@@ -519,7 +308,7 @@ impl Fs {
 
     /// Facts about the filesystem, for `nearfs info` and the root's xattr view.
     pub fn info(&self) -> FsInfo {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let files = st
             .inodes
             .values()
@@ -534,7 +323,7 @@ impl Fs {
             total_blocks: self.sb.total_blocks,
             data_blocks: self.sb.data_blocks,
             free_blocks: st.alloc.free_blocks(),
-            pending_free_blocks: st.pending_free.iter().map(|r| r.len).sum(),
+            pending_free_blocks: st.pending_free.blocks(),
             free_runs: st.alloc.free_runs() as u64,
             largest_free_run: st.alloc.largest_run(),
             inodes: st.inodes.len() as u64,
@@ -583,5 +372,48 @@ impl FsInfo {
         } else {
             1.0 - self.largest_free_run as f64 / self.free_blocks as f64
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::Creds;
+    use blockdev::MemDevice;
+
+    /// An operation that panics halfway through a change leaves the table poisoned: the
+    /// change is never committed, later changes are refused, and reads still work.
+    #[test]
+    fn a_panic_midway_through_a_change_is_never_committed() {
+        let mem = Arc::new(MemDevice::new(64 << 20));
+        Fs::mkfs(mem.clone(), MkfsOptions::default()).unwrap();
+        let fs = Arc::new(Fs::mount(mem.clone(), MountOptions::default()).unwrap());
+        let cr = Creds::root();
+        let kept = fs.create(&cr, Ino::ROOT, b"kept", 0o644).unwrap().ino;
+        fs.write(&cr, kept, 0, b"committed").unwrap();
+        fs.commit().unwrap();
+        let half = fs.clone();
+        let panicked = std::thread::spawn(move || {
+            let mut st = half.table_mut().unwrap();
+            // Half of an unlink: the entry is gone, the link count not yet dropped.
+            st.remove_entry(Ino::ROOT, b"kept").unwrap();
+            panic!("an operation fails midway");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(matches!(fs.commit(), Err(FsError::Halted)));
+        assert!(matches!(
+            fs.write(&cr, kept, 0, b"more"),
+            Err(FsError::Halted)
+        ));
+        assert!(matches!(
+            fs.create(&cr, Ino::ROOT, b"new", 0o644),
+            Err(FsError::Halted)
+        ));
+        assert_eq!(fs.read(kept, 0, 64).unwrap(), b"committed");
+        drop(fs);
+        let again = Fs::mount(mem, MountOptions::default()).unwrap();
+        let ino = again.lookup(&cr, Ino::ROOT, b"kept").unwrap().ino;
+        assert_eq!(again.read(ino, 0, 64).unwrap(), b"committed");
     }
 }

@@ -223,9 +223,11 @@ pub struct Extent {
     pub unwritten: bool,
 }
 
-/// Everything stored about one inode, in one metadata record (see docs/format.md).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InodeRecord {
+/// The fixed attributes of an inode: what `stat(2)` shows, apart from allocated space.
+/// The same value lives in memory, in the stored record, and is turned into an
+/// [`crate::Attr`] in one place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InodeAttrs {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -239,6 +241,12 @@ pub struct InodeRecord {
     pub generation: u64,
     /// Parent directory (directories only; 0 otherwise).
     pub parent: u64,
+}
+
+/// Everything stored about one inode, in one metadata record (see docs/format.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeRecord {
+    pub attrs: InodeAttrs,
     pub extents: Vec<Extent>,
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Symlink target (symlinks only).
@@ -249,22 +257,51 @@ pub struct InodeRecord {
 const INODE_HEADER: usize = 112;
 const EXTENT_UNWRITTEN: u64 = 1;
 
+impl InodeAttrs {
+    /// A new inode's attributes: every time `now`, size 0.
+    pub fn new(
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        nlink: u32,
+        generation: u64,
+        parent: u64,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            mode,
+            uid,
+            gid,
+            nlink,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            generation,
+            parent,
+        }
+    }
+}
+
 impl InodeRecord {
     pub fn encode(&self) -> Vec<u8> {
+        let a = &self.attrs;
         let mut w = Writer::with_capacity(INODE_HEADER + self.extents.len() * 32);
-        w.u32(self.mode);
-        w.u32(self.uid);
-        w.u32(self.gid);
-        w.u32(self.nlink);
-        w.u64(self.size);
-        for t in [self.atime, self.mtime, self.ctime, self.crtime] {
+        w.u32(a.mode);
+        w.u32(a.uid);
+        w.u32(a.gid);
+        w.u32(a.nlink);
+        w.u64(a.size);
+        for t in [a.atime, a.mtime, a.ctime, a.crtime] {
             w.i64(t.secs);
             w.u32(t.nanos);
         }
-        w.u32(self.rdev);
+        w.u32(a.rdev);
         w.u32(0); // flags, reserved
-        w.u64(self.generation);
-        w.u64(self.parent);
+        w.u64(a.generation);
+        w.u64(a.parent);
         w.u32(self.extents.len() as u32);
         w.u32(self.xattrs.len() as u32);
         w.u32(self.target.len() as u32);
@@ -335,18 +372,20 @@ impl InodeRecord {
         }
         let [atime, mtime, ctime, crtime] = times;
         Ok(Self {
-            mode,
-            uid,
-            gid,
-            nlink,
-            size,
-            atime,
-            mtime,
-            ctime,
-            crtime,
-            rdev,
-            generation,
-            parent,
+            attrs: InodeAttrs {
+                mode,
+                uid,
+                gid,
+                nlink,
+                size,
+                atime,
+                mtime,
+                ctime,
+                crtime,
+                rdev,
+                generation,
+                parent,
+            },
             extents,
             xattrs,
             target,
@@ -363,18 +402,7 @@ impl InodeRecord {
         now: Timestamp,
     ) -> Self {
         Self {
-            mode: S_IFDIR | perm,
-            uid,
-            gid,
-            nlink: 2,
-            size: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            rdev: 0,
-            generation,
-            parent,
+            attrs: InodeAttrs::new(S_IFDIR | perm, uid, gid, 2, generation, parent, now),
             extents: Vec::new(),
             xattrs: Vec::new(),
             target: Vec::new(),
@@ -383,7 +411,7 @@ impl InodeRecord {
 
     /// Blocks the file's size spans.
     pub fn size_blocks(&self) -> u64 {
-        blocks_for(self.size)
+        blocks_for(self.attrs.size)
     }
 }
 
@@ -423,18 +451,20 @@ mod tests {
     #[test]
     fn inode_record_round_trips_and_rejects_truncation() {
         let rec = InodeRecord {
-            mode: S_IFREG | 0o644,
-            uid: 1000,
-            gid: 100,
-            nlink: 1,
-            size: 12345,
-            atime: Timestamp { secs: 1, nanos: 2 },
-            mtime: Timestamp { secs: -3, nanos: 4 },
-            ctime: Timestamp { secs: 5, nanos: 6 },
-            crtime: Timestamp { secs: 7, nanos: 8 },
-            rdev: 0,
-            generation: 9,
-            parent: 0,
+            attrs: InodeAttrs {
+                mode: S_IFREG | 0o644,
+                uid: 1000,
+                gid: 100,
+                nlink: 1,
+                size: 12345,
+                atime: Timestamp { secs: 1, nanos: 2 },
+                mtime: Timestamp { secs: -3, nanos: 4 },
+                ctime: Timestamp { secs: 5, nanos: 6 },
+                crtime: Timestamp { secs: 7, nanos: 8 },
+                rdev: 0,
+                generation: 9,
+                parent: 0,
+            },
             extents: vec![Extent {
                 file: FileBlock(0),
                 dev: DevBlock(300),

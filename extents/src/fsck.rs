@@ -86,10 +86,10 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     // Inodes and their extents: inside the data region, no overlap, no block owned twice.
     for (ino, rec) in &snap.inodes {
         let (ino, mut rec) = (*ino, rec.clone());
-        if FileKind::from_mode(rec.mode).is_none() {
+        if FileKind::from_mode(rec.attrs.mode).is_none() {
             r.errors.push(format!(
                 "inode {ino}: unknown file type in mode {:o}",
-                rec.mode
+                rec.attrs.mode
             ));
         }
         if ino >= snap.next_ino {
@@ -101,10 +101,10 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
             r.repaired
                 .push(format!("raised the inode counter past {ino}"));
         }
-        if rec.mode & S_IFMT == S_IFDIR && !rec.extents.is_empty() {
+        if rec.attrs.mode & S_IFMT == S_IFDIR && !rec.extents.is_empty() {
             r.errors.push(format!("directory {ino} owns data extents"));
         }
-        if rec.mode & S_IFMT == S_IFLNK && rec.target.is_empty() {
+        if rec.attrs.mode & S_IFMT == S_IFLNK && rec.target.is_empty() {
             r.errors.push(format!("symlink {ino} has no target"));
         }
         let mut kept = Vec::new();
@@ -150,14 +150,14 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     r.inodes = inodes.len() as u64;
     r.directories = inodes
         .values()
-        .filter(|i| i.mode & S_IFMT == S_IFDIR)
+        .filter(|i| i.attrs.mode & S_IFMT == S_IFDIR)
         .count() as u64;
     r.free_blocks = alloc.free_blocks();
     r.allocated_blocks = sb.data_blocks - alloc.free_blocks();
 
     if inodes
         .get(&Ino::ROOT.0)
-        .is_none_or(|i| i.mode & S_IFMT != S_IFDIR)
+        .is_none_or(|i| i.attrs.mode & S_IFMT != S_IFDIR)
     {
         r.errors.push("the root directory is missing".into());
         let root = InodeRecord::empty_dir(0o755, 0, 0, Ino::ROOT.0, 0, Timestamp::now());
@@ -171,7 +171,10 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     let mut cookies = HashSet::new();
     for (dir, name, child, cookie) in &snap.dirents {
         let shown = String::from_utf8_lossy(name);
-        let why = if inodes.get(dir).is_none_or(|d| d.mode & S_IFMT != S_IFDIR) {
+        let why = if inodes
+            .get(dir)
+            .is_none_or(|d| d.attrs.mode & S_IFMT != S_IFDIR)
+        {
             Some(format!(
                 "entry {shown:?} lives in {dir}, which is not a directory"
             ))
@@ -213,7 +216,7 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
     let mut queue = VecDeque::from([Ino::ROOT.0]);
     while let Some(dir) = queue.pop_front() {
         for (name, child) in children.get(&dir).into_iter().flatten() {
-            let is_dir = inodes[child].mode & S_IFMT == S_IFDIR;
+            let is_dir = inodes[child].attrs.mode & S_IFMT == S_IFDIR;
             if is_dir && (*child == Ino::ROOT.0 || reached.contains(child)) {
                 let why = format!("directory {child} is linked more than once (again in {dir})");
                 r.errors.push(why.clone());
@@ -224,14 +227,14 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
             *refs.entry(*child).or_default() += 1;
             if is_dir {
                 *subdirs.entry(dir).or_default() += 1;
-                if inodes[child].parent != dir {
+                if inodes[child].attrs.parent != dir {
                     r.errors.push(format!(
                         "directory {child}: \"..\" names {} but it lives in {dir}",
-                        inodes[child].parent
+                        inodes[child].attrs.parent
                     ));
                     r.repaired
                         .push(format!("directory {child}: \"..\" set to {dir}"));
-                    inodes.get_mut(child).expect("exists").parent = dir;
+                    inodes.get_mut(child).expect("exists").attrs.parent = dir;
                     changed.insert(*child);
                 }
             }
@@ -249,7 +252,7 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
         .collect();
     let mut lost_found = None;
     for ino in lost {
-        if inodes[&ino].nlink == 0 {
+        if inodes[&ino].attrs.nlink == 0 {
             r.notes.push(format!(
                 "inode {ino} is an orphan (unlinked while open); the next mount removes it"
             ));
@@ -257,7 +260,7 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
         }
         r.errors.push(format!(
             "inode {ino} (nlink {}) is not reachable from the root",
-            inodes[&ino].nlink
+            inodes[&ino].attrs.nlink
         ));
         let lf = match lost_found {
             Some(lf) => lf,
@@ -274,9 +277,9 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
         let cookie = u64::MAX / 2 + ino;
         fix.dirents.push(((lf, name), Some((ino, cookie))));
         *refs.entry(ino).or_default() += 1;
-        if inodes[&ino].mode & S_IFMT == S_IFDIR {
+        if inodes[&ino].attrs.mode & S_IFMT == S_IFDIR {
             *subdirs.entry(lf).or_default() += 1;
-            inodes.get_mut(&ino).expect("exists").parent = lf;
+            inodes.get_mut(&ino).expect("exists").attrs.parent = lf;
         }
         changed.insert(ino);
         r.repaired
@@ -285,22 +288,22 @@ fn check(sb: &crate::format::Superblock, snap: &Snapshot, r: &mut FsckReport, fi
 
     // Link counts.
     for (&ino, rec) in inodes.iter_mut() {
-        if !reached.contains(&ino) && rec.nlink == 0 {
+        if !reached.contains(&ino) && rec.attrs.nlink == 0 {
             continue;
         }
-        let want = if rec.mode & S_IFMT == S_IFDIR {
+        let want = if rec.attrs.mode & S_IFMT == S_IFDIR {
             2 + subdirs.get(&ino).copied().unwrap_or(0)
         } else {
             refs.get(&ino).copied().unwrap_or(0)
         };
-        if rec.nlink != want && want > 0 {
+        if rec.attrs.nlink != want && want > 0 {
             r.errors.push(format!(
                 "inode {ino}: link count {} but {want} links exist",
-                rec.nlink
+                rec.attrs.nlink
             ));
             r.repaired
                 .push(format!("inode {ino}: link count set to {want}"));
-            rec.nlink = want;
+            rec.attrs.nlink = want;
             changed.insert(ino);
         }
     }
@@ -320,7 +323,7 @@ fn lost_and_found(
         .get(&Ino::ROOT.0)
         .and_then(|c| c.iter().find(|(n, _)| n == b"lost+found"))
         .map(|(_, ino)| *ino)
-        .filter(|ino| inodes[ino].mode & S_IFMT == S_IFDIR);
+        .filter(|ino| inodes[ino].attrs.mode & S_IFMT == S_IFDIR);
     if let Some(ino) = existing {
         return ino;
     }
@@ -406,7 +409,7 @@ mod tests {
     fn shared_blocks_are_found_and_dropped_from_one_owner() {
         let (dev, sb) = sample();
         damage(&dev, &sb, |snap, b| {
-            let (_, file) = inode(snap, |r| r.mode & S_IFMT == S_IFREG);
+            let (_, file) = inode(snap, |r| r.attrs.mode & S_IFMT == S_IFREG);
             let mut thief = file.clone();
             thief.extents = vec![Extent {
                 file: FileBlock(0),
@@ -443,9 +446,9 @@ mod tests {
             // An entry naming nothing, a wrong link count, and a file no directory names.
             b.dirents
                 .push(((Ino::ROOT.0, b"ghost".to_vec()), Some((4242, 90))));
-            let (ino, file) = inode(snap, |r| r.mode & S_IFMT == S_IFREG);
+            let (ino, file) = inode(snap, |r| r.attrs.mode & S_IFMT == S_IFREG);
             let mut f = file.clone();
-            f.nlink = 5;
+            f.attrs.nlink = 5;
             b.inodes.push((ino, Some(f.encode())));
             let mut lost = file.clone();
             lost.extents.clear();
@@ -476,7 +479,7 @@ mod tests {
     fn extents_outside_the_data_region_are_reported() {
         let (dev, sb) = sample();
         damage(&dev, &sb, |snap, b| {
-            let (ino, file) = inode(snap, |r| r.mode & S_IFMT == S_IFREG);
+            let (ino, file) = inode(snap, |r| r.attrs.mode & S_IFMT == S_IFREG);
             let mut f = file.clone();
             f.extents.push(Extent {
                 file: FileBlock(100),

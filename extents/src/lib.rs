@@ -17,6 +17,7 @@ pub mod fsck;
 mod load;
 pub mod meta;
 mod ops;
+mod state;
 mod store;
 pub mod types;
 mod xattr;

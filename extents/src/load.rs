@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use crate::alloc::{Allocator, Run};
 use crate::error::{FsError, Result};
 use crate::extent_map::ExtentMap;
-use crate::filesystem::{Inode, State};
 use crate::format::Superblock;
+use crate::state::{Freed, Inode, State};
 use crate::store::Snapshot;
 use crate::types::Ino;
 
@@ -69,6 +69,6 @@ pub(crate) fn build_state(sb: &Superblock, snap: Snapshot) -> Result<State> {
         next_generation: snap.next_generation,
         dirty_inodes: HashSet::new(),
         dirty_dirents: HashSet::new(),
-        pending_free: Vec::new(),
+        pending_free: Freed::default(),
     })
 }

@@ -4,10 +4,11 @@ use std::sync::atomic::Ordering;
 
 use crate::access::{self, Creds, MAY_EXEC, MAY_READ, MAY_WRITE};
 use crate::error::{FsError, Result};
-use crate::filesystem::{Dir, FIRST_COOKIE, Fs, Inode, State, lock_read, lock_write};
+use crate::filesystem::Fs;
 use crate::format::{
-    S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Timestamp,
+    InodeAttrs, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Timestamp,
 };
+use crate::state::{FIRST_COOKIE, Inode, State};
 use crate::types::{BLOCK_SIZE, Ino};
 
 /// Longest file name, in bytes.
@@ -91,6 +92,18 @@ pub struct SetAttr {
     pub via_handle: bool,
 }
 
+impl SetAttr {
+    fn changes_anything(&self) -> bool {
+        self.mode.is_some()
+            || self.uid.is_some()
+            || self.gid.is_some()
+            || self.size.is_some()
+            || self.atime.is_some()
+            || self.mtime.is_some()
+            || self.ctime.is_some()
+    }
+}
+
 /// Flags of rename.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RenameFlags {
@@ -140,22 +153,24 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The one conversion from an inode to what `stat(2)` shows.
 pub(crate) fn attr_of(ino: Ino, i: &Inode) -> Attr {
+    let a = &i.attrs;
     Attr {
         ino,
-        kind: FileKind::from_mode(i.mode).unwrap_or(FileKind::RegularFile),
-        perm: (i.mode & 0o7777) as u16,
-        nlink: i.nlink,
-        uid: i.uid,
-        gid: i.gid,
-        size: i.size,
+        kind: FileKind::from_mode(a.mode).unwrap_or(FileKind::RegularFile),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        size: a.size,
         blocks: i.extents.allocated_blocks() * (BLOCK_SIZE / 512),
-        atime: i.atime,
-        mtime: i.mtime,
-        ctime: i.ctime,
-        crtime: i.crtime,
-        rdev: i.rdev,
-        generation: i.generation,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.crtime,
+        rdev: a.rdev,
+        generation: a.generation,
     }
 }
 
@@ -185,6 +200,91 @@ fn touch_dir(st: &mut State, dir: Ino, now: Timestamp) -> Result<()> {
     Ok(())
 }
 
+/// What a setattr may change, checked before anything is: the attributes it sets (mode
+/// with the set-ID bits it keeps, owner, group).
+struct Allowed {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+/// Checks `req` against `i` for `cr`, so that a refused request changes nothing.
+fn setattr_allowed(cr: &Creds, i: &Inode, req: &SetAttr) -> Result<Allowed> {
+    let owner = access::is_owner(cr, i.owner());
+    let mut mode = i.mode;
+    if let Some(m) = req.mode {
+        require(owner, FsError::NotPermitted)?;
+        mode = (i.mode & S_IFMT) | (m & 0o7777);
+        let gid = req.gid.unwrap_or(i.gid);
+        if !cr.is_root() && !cr.in_group(gid) {
+            mode &= !S_ISGID;
+        }
+    }
+    let (uid, gid) = (req.uid.unwrap_or(i.uid), req.gid.unwrap_or(i.gid));
+    if req.uid.is_some() || req.gid.is_some() {
+        if !cr.is_root() {
+            require(cr.uid == i.uid, FsError::NotPermitted)?;
+            require(uid == i.uid, FsError::NotPermitted)?;
+            require(gid == i.gid || cr.in_group(gid), FsError::NotPermitted)?;
+        }
+        if !i.is_dir() {
+            mode &= !S_ISUID;
+            if mode & 0o010 != 0 {
+                mode &= !S_ISGID;
+            }
+        }
+    }
+    if let Some(size) = req.size {
+        require(!i.is_dir(), FsError::IsDir)?;
+        require(
+            i.mode & S_IFMT == S_IFREG,
+            FsError::Invalid("truncate of a special file"),
+        )?;
+        require(size <= crate::types::MAX_FILE_SIZE, FsError::FileTooBig)?;
+        if !req.via_handle {
+            may(cr, i, MAY_WRITE)?;
+        }
+    }
+    for t in [req.atime, req.mtime].into_iter().flatten() {
+        match t {
+            TimeSet::At(_) => require(owner, FsError::NotPermitted)?,
+            TimeSet::Now => {
+                if !owner {
+                    may(cr, i, MAY_WRITE)?;
+                }
+            }
+        }
+    }
+    Ok(Allowed { mode, uid, gid })
+}
+
+/// Sets what `req` asks of `ino` (apart from the size, which truncation sets), as
+/// [`setattr_allowed`] allowed it.
+fn apply_setattr(st: &mut State, ino: Ino, req: &SetAttr, allowed: Allowed) -> Result<Attr> {
+    let now = Timestamp::now();
+    let i = st.get_mut(ino)?;
+    i.mode = allowed.mode;
+    i.uid = allowed.uid;
+    i.gid = allowed.gid;
+    let resolve = |t: TimeSet| match t {
+        TimeSet::Now => now,
+        TimeSet::At(t) => t,
+    };
+    if let Some(t) = req.atime {
+        i.atime = resolve(t);
+    }
+    if let Some(t) = req.mtime {
+        i.mtime = resolve(t);
+    }
+    if req.size.is_some() && req.mtime.is_none() {
+        i.mtime = now;
+    }
+    if req.changes_anything() {
+        i.ctime = req.ctime.unwrap_or(now);
+    }
+    Ok(attr_of(ino, i))
+}
+
 impl Fs {
     fn writable(&self) -> Result<()> {
         require(!self.opts.read_only, FsError::ReadOnly)
@@ -204,7 +304,7 @@ impl Fs {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
         }
-        let st = lock_read(&self.state);
+        let st = self.table();
         let p = st.get(parent)?;
         let dir = p.dir.as_ref().ok_or(FsError::NotDir)?;
         may(cr, p, MAY_EXEC)?;
@@ -219,7 +319,7 @@ impl Fs {
     /// Drops `n` kernel references to `ino` (FUSE forget).
     pub fn forget(&self, ino: Ino, n: u64) {
         let last = {
-            let st = lock_read(&self.state);
+            let st = self.table();
             let Some(i) = st.inodes.get(&ino.0) else {
                 return;
             };
@@ -231,20 +331,20 @@ impl Fs {
                 .unwrap_or(0);
             before <= n && i.nlink == 0
         };
-        if last {
-            lock_write(&self.state).reap(ino);
+        if last && let Ok(mut st) = self.table_mut() {
+            st.reap(ino);
         }
     }
 
     /// Attributes of `ino`.
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         Ok(attr_of(ino, st.get(ino)?))
     }
 
     /// Checks `mask` (MAY_* bits; 0 only checks existence) for `cr`.
     pub fn access(&self, cr: &Creds, ino: Ino, mask: u32) -> Result<()> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         if mask & MAY_WRITE != 0 && self.opts.read_only {
             return Err(FsError::ReadOnly);
@@ -269,7 +369,7 @@ impl Fs {
             return Err(FsError::NotPermitted);
         }
         let now = Timestamp::now();
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let p = st.get(parent)?;
         let dir = p.dir.as_ref().ok_or(FsError::NotDir)?;
         may(cr, p, MAY_WRITE | MAY_EXEC)?;
@@ -293,26 +393,18 @@ impl Fs {
         st.next_ino += 1;
         let generation = st.next_generation;
         st.next_generation += 1;
-        let inode = Inode {
+        let mut attrs = InodeAttrs::new(
             mode,
-            uid: cr.uid,
+            cr.uid,
             gid,
-            nlink: if is_dir { 2 } else { 1 },
-            size: target.len() as u64,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            rdev,
+            if is_dir { 2 } else { 1 },
             generation,
-            parent: if is_dir { parent.0 } else { 0 },
-            extents: Default::default(),
-            xattrs: Default::default(),
-            target: target.to_vec(),
-            dir: is_dir.then(Dir::new),
-            open: 0,
-            refs: Default::default(),
-        };
+            if is_dir { parent.0 } else { 0 },
+            now,
+        );
+        attrs.size = target.len() as u64;
+        attrs.rdev = rdev;
+        let inode = Inode::new(attrs, target.to_vec());
         st.inodes.insert(ino.0, inode);
         st.dirty_inodes.insert(ino.0);
         st.add_entry(parent, name, ino)?;
@@ -347,7 +439,7 @@ impl Fs {
     /// Creates and opens a regular file.
     pub fn create(&self, cr: &Creds, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
         let attr = self.mknod(cr, parent, name, S_IFREG | (mode & 0o7777), 0)?;
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         st.inodes
             .get_mut(&attr.ino.0)
             .ok_or(FsError::Dangling(attr.ino))?
@@ -373,7 +465,7 @@ impl Fs {
 
     /// Target of a symbolic link.
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         require(i.mode & S_IFMT == S_IFLNK, FsError::WrongKind)?;
         Ok(i.target.clone())
@@ -384,7 +476,7 @@ impl Fs {
         self.writable()?;
         check_name(newname)?;
         let now = Timestamp::now();
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let i = st.get(ino)?;
         require(!i.is_dir(), FsError::NotPermitted)?;
         require(i.nlink > 0, FsError::NotFound)?;
@@ -405,7 +497,7 @@ impl Fs {
     pub fn unlink(&self, cr: &Creds, parent: Ino, name: &[u8]) -> Result<()> {
         self.writable()?;
         let now = Timestamp::now();
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let p = st.get(parent)?;
         let child = st.child(parent, name)?;
         let c = st.get(child)?;
@@ -429,7 +521,7 @@ impl Fs {
             _ => {}
         }
         let now = Timestamp::now();
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let p = st.get(parent)?;
         let child = st.child(parent, name)?;
         let c = st.get(child)?;
@@ -484,7 +576,7 @@ impl Fs {
             return Err(FsError::Invalid("RENAME_NOREPLACE with RENAME_EXCHANGE"));
         }
         let now = Timestamp::now();
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let p = st.get(parent)?;
         let src = st.child(parent, name)?;
         let np = st.get(newparent)?;
@@ -582,94 +674,39 @@ impl Fs {
 
     /// Changes attributes, enforcing who may change what.
     pub fn setattr(&self, cr: &Creds, ino: Ino, req: SetAttr) -> Result<Attr> {
-        let changes = req.mode.is_some()
-            || req.uid.is_some()
-            || req.gid.is_some()
-            || req.size.is_some()
-            || req.atime.is_some()
-            || req.mtime.is_some()
-            || req.ctime.is_some();
-        if changes {
+        if req.changes_anything() {
             self.writable()?;
         }
-        let now = Timestamp::now();
-        let mut st = lock_write(&self.state);
-        let i = st.get(ino)?;
-        let owner = access::is_owner(cr, i.owner());
-        // Check everything first, so a refused request changes nothing.
-        let mut mode = i.mode;
-        if let Some(m) = req.mode {
-            require(owner, FsError::NotPermitted)?;
-            mode = (i.mode & S_IFMT) | (m & 0o7777);
-            let gid = req.gid.unwrap_or(i.gid);
-            if !cr.is_root() && !cr.in_group(gid) {
-                mode &= !S_ISGID;
-            }
-        }
-        let (uid, gid) = (req.uid.unwrap_or(i.uid), req.gid.unwrap_or(i.gid));
-        if req.uid.is_some() || req.gid.is_some() {
-            if !cr.is_root() {
-                require(cr.uid == i.uid, FsError::NotPermitted)?;
-                require(uid == i.uid, FsError::NotPermitted)?;
-                require(gid == i.gid || cr.in_group(gid), FsError::NotPermitted)?;
-            }
-            if !i.is_dir() {
-                mode &= !S_ISUID;
-                if mode & 0o010 != 0 {
-                    mode &= !S_ISGID;
-                }
-            }
-        }
-        if let Some(size) = req.size {
-            require(!i.is_dir(), FsError::IsDir)?;
-            require(
-                i.mode & S_IFMT == S_IFREG,
-                FsError::Invalid("truncate of a special file"),
-            )?;
-            require(size <= crate::types::MAX_FILE_SIZE, FsError::FileTooBig)?;
-            if !req.via_handle {
-                may(cr, i, MAY_WRITE)?;
-            }
-        }
-        for t in [req.atime, req.mtime].into_iter().flatten() {
-            match t {
-                TimeSet::At(_) => require(owner, FsError::NotPermitted)?,
-                TimeSet::Now => {
-                    if !owner {
-                        may(cr, i, MAY_WRITE)?;
-                    }
-                }
-            }
-        }
-        if let Some(size) = req.size {
-            self.truncate_locked(&mut st, ino, size)?;
-        }
-        let i = st.get_mut(ino)?;
-        i.mode = mode;
-        i.uid = uid;
-        i.gid = gid;
-        let resolve = |t: TimeSet| match t {
-            TimeSet::Now => now,
-            TimeSet::At(t) => t,
+        let Some(size) = req.size else {
+            let mut st = self.table_mut()?;
+            let allowed = setattr_allowed(cr, st.get(ino)?, &req)?;
+            return apply_setattr(&mut st, ino, &req, allowed);
         };
-        if let Some(t) = req.atime {
-            i.atime = resolve(t);
+        // A size change: the device work is done first, with only the file held.
+        let io = self.table().io(ino)?;
+        let _writing = crate::data::exclusive(&io);
+        setattr_allowed(cr, self.table().get(ino)?, &req)?;
+        let tail = self.prepare_truncate(ino, size)?;
+        let applied = self.table_mut().and_then(|mut st| {
+            let allowed = setattr_allowed(cr, st.get(ino)?, &req)?;
+            self.truncate_locked(&mut st, ino, size, &tail)?;
+            apply_setattr(&mut st, ino, &req, allowed)
+        });
+        match applied {
+            Ok(attr) => {
+                self.finish_truncate(tail)?;
+                Ok(attr)
+            }
+            Err(e) => {
+                self.release_tail(tail);
+                Err(e)
+            }
         }
-        if let Some(t) = req.mtime {
-            i.mtime = resolve(t);
-        }
-        if req.size.is_some() && req.mtime.is_none() {
-            i.mtime = now;
-        }
-        if changes {
-            i.ctime = req.ctime.unwrap_or(now);
-        }
-        Ok(attr_of(ino, i))
     }
 
     /// Checks that `cr` may open `ino` with `mode` and counts the open handle.
     pub fn open(&self, cr: &Creds, ino: Ino, mode: OpenMode) -> Result<Attr> {
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let i = st.inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
         if mode.write {
             require(!i.is_dir(), FsError::IsDir)?;
@@ -683,7 +720,9 @@ impl Fs {
 
     /// Drops an open handle; an unlinked file is freed with its last handle.
     pub fn release(&self, ino: Ino) {
-        let mut st = lock_write(&self.state);
+        let Ok(mut st) = self.table_mut() else {
+            return;
+        };
         if let Some(i) = st.inodes.get_mut(&ino.0) {
             i.open = i.open.saturating_sub(1);
         }
@@ -692,7 +731,7 @@ impl Fs {
 
     /// Checks that `cr` may list directory `ino`.
     pub fn opendir(&self, cr: &Creds, ino: Ino) -> Result<()> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         require(i.is_dir(), FsError::NotDir)?;
         may(cr, i, MAY_READ)
@@ -702,7 +741,7 @@ impl Fs {
     /// then each entry's `next`). "." and ".." come first. Entries added or removed during
     /// a listing do not make it skip or repeat others.
     pub fn readdir(&self, ino: Ino, offset: u64, max: usize) -> Result<Vec<DirEntry>> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         let dir = i.dir.as_ref().ok_or(FsError::NotDir)?;
         let mut out = Vec::new();
@@ -740,7 +779,7 @@ impl Fs {
     /// Counts one kernel reference to `ino`: an entry the kernel now holds (readdirplus).
     pub fn remember(&self, ino: Ino) {
         if self.opts.kernel_refs
-            && let Some(i) = lock_read(&self.state).inodes.get(&ino.0)
+            && let Some(i) = self.table().inodes.get(&ino.0)
         {
             i.refs.fetch_add(1, Ordering::Relaxed);
         }
@@ -748,8 +787,8 @@ impl Fs {
 
     /// Usage figures.
     pub fn statfs(&self) -> StatFs {
-        let st = lock_read(&self.state);
-        let free = st.alloc.free_blocks() + st.pending_free.iter().map(|r| r.len).sum::<u64>();
+        let st = self.table();
+        let free = st.alloc.free_blocks() + st.pending_free.blocks();
         StatFs {
             blocks: self.sb.data_blocks,
             bfree: free,

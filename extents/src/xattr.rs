@@ -2,8 +2,9 @@
 
 use crate::access::{self, Creds, MAY_READ, MAY_WRITE};
 use crate::error::{FsError, Result};
-use crate::filesystem::{Fs, Inode, lock_read, lock_write};
+use crate::filesystem::Fs;
 use crate::format::{S_IFDIR, S_IFMT, S_IFREG, Timestamp};
+use crate::state::Inode;
 use crate::types::Ino;
 
 /// Longest attribute name, as on Linux.
@@ -26,7 +27,7 @@ pub const RESERVED_PREFIX: &[u8] = b"user.nearfs.";
 pub const OWNER_POLICIES: &[&[u8]] = &[b"user.nearfs.offload"];
 
 /// May `cr` set or remove `name` on `i`?
-fn check_set(cr: &Creds, i: &crate::filesystem::Inode, name: &[u8]) -> Result<()> {
+fn check_set(cr: &Creds, i: &Inode, name: &[u8]) -> Result<()> {
     if OWNER_POLICIES.contains(&name) {
         return if cr.is_root() || cr.uid == i.uid {
             Ok(())
@@ -109,7 +110,7 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::ValueTooLarge);
         }
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         let i = st.get(ino)?;
         check_set(cr, i, name)?;
         let exists = i.xattrs.contains_key(name);
@@ -136,7 +137,7 @@ impl Fs {
 
     /// Value of attribute `name`.
     pub fn getxattr(&self, cr: &Creds, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         check(cr, i, name, MAY_READ)?;
         i.xattrs.get(name).cloned().ok_or(FsError::NoAttribute)
@@ -144,7 +145,7 @@ impl Fs {
 
     /// Names of the stored attributes `cr` may see.
     pub fn listxattr(&self, cr: &Creds, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        let st = lock_read(&self.state);
+        let st = self.table();
         let i = st.get(ino)?;
         Ok(i.xattrs
             .keys()
@@ -158,7 +159,7 @@ impl Fs {
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
         }
-        let mut st = lock_write(&self.state);
+        let mut st = self.table_mut()?;
         check_set(cr, st.get(ino)?, name)?;
         if !st.get(ino)?.xattrs.contains_key(name) {
             return Err(FsError::NoAttribute);

@@ -12,9 +12,10 @@
 //!   /proc, as for every request) must allow the same access now. The file's owner can
 //!   forbid offload with `user.nearfs.offload=off` (or allow only reading with `ro`); the
 //!   mount can with `-o offload=off|ro`. Each user has at most `offload_runs` runs going;
-//! - a run sees the extents of that file, its requested range only, under the
-//!   filesystem's lock: shared for reading runs, exclusive for writing ones, so a
-//!   read-modify-write is atomic against `write()` and other runs. What it wrote is
+//! - a run sees the extents of that file, its requested range only, under the file's own
+//!   lock (`extents/src/state.rs`): shared for reading runs, exclusive for writing ones, so
+//!   a read-modify-write is atomic against `write()` and other runs of that file, and
+//!   other files are not held up. What it wrote is
 //!   dropped from the kernel's page cache before the ioctl returns, if the kernel may hold
 //!   pages of the file (see [`Offload::may_cache`]): the reply goes through the
 //!   invalidation thread, because invalidating waits for page locks that an in-flight
@@ -64,8 +65,8 @@ const RUNS_WAITING: u32 = 64;
 const PENDING_FOR: Duration = Duration::from_secs(60);
 /// How often what was kept too long is looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
-/// Wall-clock limit of a writing run: it holds the filesystem's exclusive lock, so every
-/// other request waits for it. Reading runs get appcode's default (10 s).
+/// Wall-clock limit of a writing run: it holds its file alone, so every read and write of
+/// that file waits for it. Reading runs get appcode's default (10 s).
 const WRITE_RUN_WALL: Duration = Duration::from_secs(1);
 
 /// What the mount allows (`-o offload=`).
