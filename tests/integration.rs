@@ -839,21 +839,37 @@ fn offloaded_increments_are_atomic_and_visible_to_reads() {
 fn writing_runs_drop_pages_only_when_the_kernel_may_hold_them() {
     let t = TestFs::new("64M", "");
     let key = [7u8; kv::KEY];
-    fs::write(t.path("one.kv"), kv::record(&key, 0)).unwrap();
+    // Two pages, with a counter of `key` in each.
+    let slots = [0u64, 64];
+    let records: Vec<u8> = (0..128u64)
+        .flat_map(|s| {
+            kv::record(
+                if slots.contains(&s) {
+                    &key
+                } else {
+                    &[0; kv::KEY]
+                },
+                0,
+            )
+        })
+        .collect();
+    fs::write(t.path("two.kv"), &records).unwrap();
     let id = ProgId(load_example(&t, "kv_increment").0);
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .open(t.path("one.kv"))
+        .open(t.path("two.kv"))
         .unwrap();
-    let arg = kv::arg(0, &key);
-    let increment = |want: u64| {
+    let increment = |slot: u64, want: u64| {
+        let arg = kv::arg(slot, &key);
         let out = nearfs_client::run(&f, &Run::new(id).arg(&arg).write(true)).unwrap();
         assert_eq!(out.result, want);
     };
+    let counters = |bytes: &[u8]| slots.map(|s| kv::counter(&bytes[s as usize * kv::SIZE..]));
+    let read = || counters(&fs::read(t.path("two.kv")).unwrap());
     let dropped = || -> u64 {
         let stats =
-            String::from_utf8(getxattr(&t.path("one.kv"), "user.nearfs.stats").unwrap()).unwrap();
+            String::from_utf8(getxattr(&t.path("two.kv"), "user.nearfs.stats").unwrap()).unwrap();
         stats
             .split_whitespace()
             .find_map(|w| w.strip_prefix("invalidations="))
@@ -861,21 +877,24 @@ fn writing_runs_drop_pages_only_when_the_kernel_may_hold_them() {
             .unwrap_or_else(|| panic!("no invalidations in {stats}"))
     };
     // The write that created the file went through the page cache.
-    increment(1);
+    increment(0, 1);
     assert_eq!(dropped(), 1);
     // Nothing was read or written since: the kernel holds no pages to drop.
-    increment(2);
-    increment(3);
+    increment(0, 2);
+    increment(64, 1);
     assert_eq!(dropped(), 1);
-    // A read fills the page cache; the next run drops it, and reads see every increment.
-    assert_eq!(kv::counter(&fs::read(t.path("one.kv")).unwrap()), 3);
-    increment(4);
+    // A read fills the page cache; the next run drops all of it, not only the page it
+    // wrote, so a later run of the other page needs no drop and is still seen.
+    assert_eq!(read(), [2, 1]);
+    increment(0, 3);
     assert_eq!(dropped(), 2);
-    assert_eq!(kv::counter(&fs::read(t.path("one.kv")).unwrap()), 4);
+    increment(64, 2);
+    assert_eq!(dropped(), 2);
+    assert_eq!(read(), [3, 2]);
     // Pages mapped into memory are read through the same path, and dropped the same way.
-    increment(5);
+    increment(0, 4);
     assert_eq!(dropped(), 3);
-    let len = kv::SIZE;
+    let len = records.len();
     // SAFETY: a fresh shared read-only mapping of an open file, unmapped below; the bytes
     // are only read through `view`, which does not outlive it.
     let map = unsafe {
@@ -890,10 +909,10 @@ fn writing_runs_drop_pages_only_when_the_kernel_may_hold_them() {
     };
     assert_ne!(map, libc::MAP_FAILED);
     // SAFETY: the mapping is `len` bytes long and stays mapped while `view` is used.
-    let view = || unsafe { std::slice::from_raw_parts(map as *const u8, len) }.to_vec();
-    assert_eq!(kv::counter(&view()), 5);
-    increment(6);
-    assert_eq!(kv::counter(&view()), 6);
+    let view = || counters(unsafe { std::slice::from_raw_parts(map as *const u8, len) });
+    assert_eq!(view(), [4, 2]);
+    increment(64, 3);
+    assert_eq!(view(), [4, 3]);
     assert_eq!(dropped(), 4);
     // SAFETY: `map` came from the mmap above and is no longer used.
     assert_eq!(unsafe { libc::munmap(map, len) }, 0);

@@ -303,25 +303,24 @@ pub struct Offload {
     target: Option<Arc<NbdDevice>>,
 }
 
-/// A reply to send once file ranges are dropped from the kernel's page cache.
+/// A reply to send once a file's pages are dropped from the kernel's page cache.
 struct Invalidate {
     ino: Ino,
-    range: std::ops::Range<u64>,
     reply: ReplyIoctl,
     bytes: Vec<u8>,
 }
 
-/// The reply to an ioctl, and the file range to invalidate before sending it.
+/// The reply to an ioctl, and whether a run wrote the file (its pages may be stale).
 pub struct Answer {
     pub bytes: Vec<u8>,
-    pub written: Option<std::ops::Range<u64>>,
+    pub wrote: bool,
 }
 
 impl Answer {
     fn plain(bytes: Vec<u8>) -> Answer {
         Answer {
             bytes,
-            written: None,
+            wrote: false,
         }
     }
 }
@@ -388,9 +387,8 @@ impl Offload {
             .name("nearfs-invalidate".into())
             .spawn(move || {
                 for job in rx {
-                    let r = &job.range;
-                    let (at, len) = (r.start as i64, (r.end - r.start) as i64);
-                    if let Err(e) = n.inval_inode(INodeNo(job.ino.0), at, len) {
+                    // Offset 0, length 0: every page of the file.
+                    if let Err(e) = n.inval_inode(INodeNo(job.ino.0), 0, 0) {
                         tracing::warn!(error = %e, "page cache invalidation failed");
                     }
                     job.reply.ioctl(0, &job.bytes);
@@ -411,10 +409,11 @@ impl Offload {
         }
     }
 
-    /// Sends an answer: at once, or after dropping from the page cache what the run wrote
-    /// when the kernel may hold pages of the file.
+    /// Sends an answer: at once, or, after a run that wrote a file the kernel may hold
+    /// pages of, once all of them are dropped. All, not only those the run wrote: the mark
+    /// is cleared here, and the next run will not look at the pages this one left.
     fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
-        let (Some(tx), Some(range)) = (self.invalidator.get(), answer.written) else {
+        let Some(tx) = self.invalidator.get().filter(|_| answer.wrote) else {
             return reply.ioctl(0, &answer.bytes);
         };
         if self.cached.remove(&ino.0).is_none() {
@@ -423,7 +422,6 @@ impl Offload {
         self.stats.entry(ino.0).or_default().invalidations += 1;
         let job = Invalidate {
             ino,
-            range,
             reply,
             bytes: answer.bytes,
         };
@@ -879,7 +877,7 @@ impl Offload {
             let mut b = b;
             let answer = self
                 .execute(&caller, &loaded, write, started, &mut b)
-                .map(|written| Answer { bytes: b, written });
+                .map(|wrote| Answer { bytes: b, wrote });
             return Dispatch::Now(answer);
         }
         Dispatch::Later(Later {
@@ -887,14 +885,13 @@ impl Offload {
             kind: Kind::Run,
             work: Box::new(move |me: &Arc<Offload>| {
                 let mut b = b;
-                let written = me.execute(&caller, &loaded, write, started, &mut b)?;
-                Ok(Answer { bytes: b, written })
+                let wrote = me.execute(&caller, &loaded, write, started, &mut b)?;
+                Ok(Answer { bytes: b, wrote })
             }),
         })
     }
 
-    /// Runs a program (on this thread); returns the file range to drop from the page
-    /// cache: what it wrote, or may have.
+    /// Runs a program (on this thread); returns whether it wrote the file.
     fn execute(
         &self,
         caller: &Caller,
@@ -902,7 +899,7 @@ impl Offload {
         write: bool,
         started: Instant,
         b: &mut [u8],
-    ) -> Result<Option<std::ops::Range<u64>>, Errno> {
+    ) -> Result<bool, Errno> {
         // Checked when the run starts, not when it was asked for: a queued run may wait
         // while the owner forbids offload or the mode changes.
         self.allowed(caller, write)?;
@@ -948,15 +945,15 @@ impl Offload {
                     Err(RunError::Io(_)) => write,
                     Err(_) => false,
                 };
-                (Ok((r, start..end, remote)), wrote)
+                (Ok((r, remote, wrote)), wrote)
             })
             .map_err(|e| errno(&e))??;
-        let (outcome, range, remote) = outcome;
+        let (outcome, remote, wrote) = outcome;
         // Output past the first reply is held until fetched, charged to the user now. Runs
         // at once each saw the room left before any of them ended: a reading run whose
         // output no longer fits fails (it changed nothing); a writing run's is kept past
-        // the limits, as its writes are applied. Writing runs hold the filesystem
-        // exclusively, so that passes them by one output at most.
+        // the limits, as its writes are applied. A user has at most `offload_runs` runs
+        // going, so that passes the limits by as many outputs at most.
         let outcome = outcome.and_then(|mut out| {
             let len = out.output.len();
             let first = len.min(abi::OUT_CHUNK);
@@ -992,13 +989,7 @@ impl Offload {
                 b.put_i32(off::run::STATUS, 0);
                 b.put_u32(off::run::OUT_LEN, len.min(abi::OUT_CHUNK) as u32);
                 b.put_u64(off::run::MORE, more);
-                // One range for the page cache: a run may write thousands of stretches.
-                let (first, last) = (out.written.first(), out.written.last());
-                // What a target says it wrote is clamped to the run's range.
-                Ok(first
-                    .zip(last)
-                    .map(|(f, l)| f.start.max(range.start)..l.end.min(range.end))
-                    .filter(|r| !r.is_empty()))
+                Ok(wrote)
             }
             Err(e) => {
                 stats.failures += 1;
@@ -1013,7 +1004,7 @@ impl Offload {
                 b.put_i32(off::run::STATUS, -errno);
                 b.put_u32(off::run::RUN_ERROR, kind);
                 // What a failed write may have reached is dropped from the page cache too.
-                Ok(matches!(e, RunError::Io(_) if write).then_some(range))
+                Ok(wrote)
             }
         }
     }
