@@ -1016,10 +1016,45 @@ NEARFS_PROG("write_then_fail") long write_then_fail(struct nearfs_ctx *ctx)
         nearfs_client::version(&rw).unwrap(),
         nearfs_client::abi::ABI_VERSION
     );
+    // Clients of ABI version 1 keep working: they asked VERSION with zeros and expect 1,
+    // and send version-1 structs; the small RUN is version 2's.
+    {
+        use nearfs_client::abi::{Fields, FieldsMut, VERSIONS, cmd, off};
+        let mut v = vec![0u8; cmd::VERSION_SIZE];
+        assert_eq!(raw(cmd::VERSION, &mut v), None);
+        assert_eq!(
+            (v.u32_at(off::VERSION), v.u32_at(off::FLAGS)),
+            (1, VERSIONS)
+        );
+        let mut req = nearfs_client::abi::request(cmd::RUN_SIZE, nearfs_client::abi::RUN_WRITE);
+        req.put_u32(off::VERSION, 1);
+        req.put_u64(off::run::PROG_ID, incr.0);
+        req.put_u64(off::run::RANGE_LEN, nearfs_client::abi::RANGE_TO_END);
+        let arg = kv::arg(0, &key);
+        req.put_u32(off::run::ARG_LEN, arg.len() as u32);
+        req[off::run::ARG..off::run::ARG + arg.len()].copy_from_slice(&arg);
+        assert_eq!(raw(cmd::RUN, &mut req), None);
+        assert_eq!(req.i32_at(off::run::STATUS), 0);
+        let after = req.u64_at(off::run::RESULT);
+        assert_eq!(after, 42);
+        let mut small =
+            nearfs_client::abi::request(cmd::RUN_SMALL_SIZE, nearfs_client::abi::RUN_WRITE);
+        small.put_u64(off::run::PROG_ID, incr.0);
+        small.put_u64(off::run::RANGE_LEN, nearfs_client::abi::RANGE_TO_END);
+        small.put_u32(off::run::ARG_LEN, arg.len() as u32);
+        small[off::run::ARG..off::run::ARG + arg.len()].copy_from_slice(&arg);
+        small.put_u32(off::VERSION, 1);
+        assert_eq!(raw(cmd::RUN_SMALL, &mut small), Some(libc::EPROTO));
+        small.put_u32(off::VERSION, 2);
+        assert_eq!(raw(cmd::RUN_SMALL, &mut small), None);
+        assert_eq!(small.u64_at(off::run::RESULT), after + 1);
+        small.put_u32(off::run::ARG_LEN, 65);
+        assert_eq!(raw(cmd::RUN_SMALL, &mut small), Some(libc::E2BIG));
+    }
     // A file deleted while open still runs, as it still reads.
     fs::remove_file(t.path("one.kv")).unwrap();
     let out = nearfs_client::run(&rw, &Run::new(incr).arg(&kv::arg(0, &key)).write(true)).unwrap();
-    assert_eq!(out.result, 42);
+    assert_eq!(out.result, 44);
     drop(rw);
     // Nothing else changed: the filesystem is clean.
     drop(dir);

@@ -2,14 +2,15 @@
 //!
 //! It makes an image, mounts nearfs over it (again for each injected device latency), writes
 //! its data to the mount and to the host filesystem, and measures side by side in one run:
-//! dependent lookups ([`lookups`]), scans ([`scans`]), read-modify-write ([`rmw`]) and the
-//! runtime's own costs ([`overheads`]); then the same kinds of operation over NBD, by the
+//! dependent lookups ([`lookups`]), scans ([`scans`]), read-modify-write ([`rmw`]), work on
+//! different files at once ([`concurrency`]) and the runtime's own costs ([`overheads`]); then the same kinds of operation over NBD, by the
 //! application, in the daemon and at the storage target, and plain block service against
 //! other NBD servers ([`remote`]). Every operation's answer is checked as it runs.
 //! It writes `results.json` and PNG plots into `--out`, prints the Markdown tables, and
 //! with `--docs FILE` puts them between the `bench` (and `bench-remote`) markers of FILE.
 //! `scripts/bench.sh` builds it and runs it.
 
+mod concurrency;
 mod lookups;
 mod measure;
 mod overheads;
@@ -220,6 +221,9 @@ fn measure_local(args: &Args, plan: &Plan, r: &mut report::Results) -> Result<()
         scans::measure(plan, &work, &m, &mut r.scans)?;
         eprintln!("==> read-modify-write");
         rmw::measure(plan, &work, &m, &mut r.rmw)?;
+        eprintln!("==> files apart");
+        let depth4 = &trees[plan.max_depth.min(4) - 1];
+        r.apart = Some(concurrency::measure(plan, &work, &m, depth4)?);
         drop(m);
         for &us in plan.device_us.iter().filter(|&&us| us > 0) {
             eprintln!("==> lookups, device +{us} µs per access");

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::overheads::Overheads;
-use crate::{Plan, lookups, remote, rmw, scans, setup};
+use crate::{Plan, concurrency, lookups, remote, rmw, scans, setup};
 
 pub const BEGIN: &str = "<!-- bench:begin -->";
 pub const END: &str = "<!-- bench:end -->";
@@ -22,6 +22,9 @@ pub struct Results {
     pub lookups: Vec<lookups::Row>,
     pub scans: Vec<scans::Row>,
     pub rmw: Vec<rmw::Row>,
+    /// Work on different files at once (`concurrency.rs`).
+    #[serde(default)]
+    pub apart: Option<concurrency::Results>,
     pub overheads: Option<Overheads>,
     pub targets: Vec<Target>,
     /// The remote section (`remote.rs`), when it was measured.
@@ -48,6 +51,7 @@ impl Results {
             lookups: Vec::new(),
             scans: Vec::new(),
             rmw: Vec::new(),
+            apart: None,
             overheads: None,
             targets: Vec::new(),
             remote: None,
@@ -133,7 +137,7 @@ impl Results {
     pub fn finish(&mut self) {
         use lookups::Way;
         let mut targets = Vec::new();
-        for (depth, want) in [(4, 3.0), (6, 4.0)] {
+        for (depth, want) in [(4, 3.0), (6, 6.0)] {
             let ratio = self
                 .lookup_us(0, depth, Way::MountDirect)
                 .zip(self.lookup_us(0, depth, Way::Offload));
@@ -164,6 +168,17 @@ impl Results {
                 });
             }
         }
+        let crossing =
+            self.lookup_us(0, 0, Way::NullRun)
+                .zip(self.lookup_us(0, 0, Way::VersionIoctl));
+        if let Some((null, version)) = crossing {
+            targets.push(Target {
+                what: "null RUN ioctl / VERSION ioctl".into(),
+                want: "≤ 1.1×".into(),
+                measured: format!("{:.2}× ({null:.1} / {version:.1} µs)", null / version),
+                met: null / version <= 1.1,
+            });
+        }
         let slowest = self
             .scans
             .iter()
@@ -178,6 +193,50 @@ impl Results {
                 measured: format!("{gbs:.2} GB/s"),
                 met: gbs >= 2.0,
             });
+        }
+        for (workers, want) in [(1, 1.3), (4, 3.0)] {
+            let rate = |way| {
+                self.rmw
+                    .iter()
+                    .find(|r| r.way == way && r.workers == workers)
+                    .map(|r| r.stats.ops_per_sec)
+            };
+            if let (Some(o), Some(rw)) = (rate(rmw::Way::Offload), rate(rmw::Way::ReadWrite)) {
+                targets.push(Target {
+                    what: format!(
+                        "writing runs / flock + pread + pwrite, {workers} worker{}",
+                        if workers == 1 { "" } else { "s" }
+                    ),
+                    want: format!("≥ {want}×"),
+                    measured: format!("{:.2}× ({o:.0} / {rw:.0} per s)", o / rw),
+                    met: o / rw >= want,
+                });
+            }
+        }
+        if let Some(a) = &self.apart {
+            use concurrency::Background;
+            let p99 = |b| a.contention(b).map(|s| s.p99_us);
+            if let (Some(w), Some(r)) = (p99(Background::Writes), p99(Background::Reads)) {
+                targets.push(Target {
+                    what: "4 KiB reads of a file: p99 while another file is written / while it is read"
+                        .into(),
+                    want: "≤ 1.5×".into(),
+                    measured: format!("{:.2}× ({w:.0} / {r:.0} µs)", w / r),
+                    met: w / r <= 1.5,
+                });
+            }
+            if let (Some(two), Some(one)) = (a.scaling(2), a.scaling(1)) {
+                let x = two.ops_per_sec / one.ops_per_sec;
+                targets.push(Target {
+                    what: "offloaded lookups on different files: 2 threads / 1 thread".into(),
+                    want: "≥ 1.7×".into(),
+                    measured: format!(
+                        "{x:.2}× ({:.0} / {:.0} per s)",
+                        two.ops_per_sec, one.ops_per_sec
+                    ),
+                    met: x >= 1.7,
+                });
+            }
         }
         if let Some(o) = &self.overheads {
             let slowest = o.verification.iter().max_by(|a, b| a.ms.total_cmp(&b.ms));
@@ -235,6 +294,9 @@ impl Results {
         self.lookup_tables(&mut s, &img);
         self.scan_table(&mut s, &img);
         self.rmw_table(&mut s, &img);
+        if let Some(a) = &self.apart {
+            apart_tables(&mut s, a);
+        }
         if let Some(o) = &self.overheads {
             overhead_tables(&mut s, o);
         }
@@ -397,6 +459,40 @@ impl Results {
                 );
             }
         }
+    }
+}
+
+/// Work on different files at once.
+fn apart_tables(s: &mut String, a: &concurrency::Results) {
+    let _ = writeln!(
+        s,
+        "\n### Files apart\n\n4 KiB `O_DIRECT` random reads of one file (one thread) while another \
+         thread reads or writes another file in 1 MiB `O_DIRECT` pieces: µs per read, and what the \
+         other thread moved.\n\n| meanwhile | median | p99 | reads per s | other file, MB/s |\n\
+         |---|---:|---:|---:|---:|"
+    );
+    for c in &a.contention {
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            c.background.label(),
+            c.reads.median_us,
+            c.reads.p99_us,
+            c.reads.ops_per_sec,
+            c.background_mb_per_sec
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nOffloaded lookups (`btree.c`), each thread on a file of its own:\n\n\
+         | threads | depth | lookups per s | median µs |\n|---:|---:|---:|---:|"
+    );
+    for r in &a.scaling {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.1} |",
+            r.threads, r.depth, r.stats.ops_per_sec, r.stats.median_us
+        );
     }
 }
 

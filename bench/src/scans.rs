@@ -5,8 +5,8 @@ use std::fs::File;
 use std::io::Read;
 
 use anyhow::{Result, bail};
-use nearfs_client::Run;
 use nearfs_client::layouts::{Rng, records};
+use nearfs_client::{Run, abi};
 use serde::{Deserialize, Serialize};
 
 use crate::Plan;
@@ -99,7 +99,9 @@ pub fn measure(plan: &Plan, work: &Work, m: &Mounted, rows: &mut Vec<Row>) -> Re
                     )
                 }
                 Way::OffloadSelect => {
-                    let out = nearfs_client::run(&file, &Run::new(select).arg(&arg))?;
+                    // Output comes in 8 KiB pieces: the large RUN's reply holds the first.
+                    let run = Run::new(select).arg(&arg).expect_output(abi::OUT_CHUNK);
+                    let out = nearfs_client::run(&file, &run)?;
                     // The selected records, aggregated here, must give the same answer.
                     check(
                         records::aggregate(&out.output, lo, hi),

@@ -64,8 +64,8 @@ static __u64 load(int fd, const char *path)
 
 int main(int argc, char **argv)
 {
-    static struct nearfs_run run;
-    struct nearfs_version version = {0};
+    struct nearfs_run_small run = {0};
+    struct nearfs_version version = {.version = NEARFS_ABI_VERSION};
     struct nearfs_unload unload = {0};
     __u64 key, id;
     int fd;
@@ -80,9 +80,9 @@ int main(int argc, char **argv)
         die(argv[1]);
     if (ioctl(fd, NEARFS_IOC_VERSION, &version) < 0)
         die("not a nearfs file");
-    if (version.version != NEARFS_ABI_VERSION) {
-        fprintf(stderr, "the daemon speaks ABI %u, this program %u\n", version.version,
-                NEARFS_ABI_VERSION);
+    if (!(version.flags & (1u << NEARFS_ABI_VERSION))) {
+        fprintf(stderr, "the daemon does not speak ABI %u (it speaks %#x)\n", NEARFS_ABI_VERSION,
+                version.flags);
         return 1;
     }
     id = load(fd, argv[2]);
@@ -93,8 +93,8 @@ int main(int argc, char **argv)
     run.range_len = NEARFS_RANGE_TO_END;
     run.arg_len = sizeof(key);
     memcpy(run.arg, &key, sizeof(key));
-    if (ioctl(fd, NEARFS_IOC_RUN, &run) < 0)
-        die("NEARFS_IOC_RUN");
+    if (ioctl(fd, NEARFS_IOC_RUN_SMALL, &run) < 0)
+        die("NEARFS_IOC_RUN_SMALL");
     if (run.status != 0) {
         fprintf(stderr, "run failed (error %u): %s\n", run.run_error, strerror(-run.status));
         return 1;

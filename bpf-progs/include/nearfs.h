@@ -74,15 +74,21 @@ static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)
 
 /* ---- For applications: the offload ioctls (nearfs_client::abi in Rust). ----
  * Every struct is fixed-size and little-endian, starts with {version, flags}, and is
- * passed whole: ioctl(fd, NEARFS_IOC_RUN, &run). Errors that carry no data are the
+ * passed whole: ioctl(fd, NEARFS_IOC_RUN_SMALL, &run). `version` is the ABI version the
+ * caller speaks (NEARFS_ABI_VERSION); the daemon serves every version it still speaks.
+ * Version 2 added nearfs_run_small; every struct of version 1 is unchanged, so programs
+ * built against version 1 keep working. Errors that carry no data are the
  * ioctl's errno (ENOENT: no such program, EBADF: the handle's mode, EPERM/EACCES:
  * policy or permissions, EPROTO: another ABI version, EOVERFLOW: a range that wraps,
  * EISDIR: a run on a directory, EAGAIN: too many runs of this user). A rejected load
  * and a failed run complete the ioctl and say so in `status`. */
-#define NEARFS_ABI_VERSION 1
+#define NEARFS_ABI_VERSION 2
+#define NEARFS_ABI_VERSIONS ((1 << 1) | (1 << 2)) /* bit v: version v is spoken */
 #define NEARFS_LOAD_CHUNK 8192
 #define NEARFS_LOG_CHUNK 8192
 #define NEARFS_OUT_CHUNK 8192
+#define NEARFS_SMALL_ARG 64 /* argument and output bytes inline in nearfs_run_small */
+#define NEARFS_SMALL_OUT 64
 #define NEARFS_LIST_ENTRIES 32
 #define NEARFS_NAME_SIZE 64
 #define NEARFS_RANGE_TO_END (~0ULL)
@@ -103,8 +109,9 @@ static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)
 #define NEARFS_RUN_E_WRITE_BYTES 11
 
 struct nearfs_version {
-    __u32 version; /* out: the daemon's NEARFS_ABI_VERSION (any version may ask) */
-    __u32 flags;
+    __u32 version; /* in: the newest version the caller speaks (0 counts as 1);
+                      out: the newest version both speak (any version may ask) */
+    __u32 flags;   /* out: every version the daemon speaks, as NEARFS_ABI_VERSIONS */
 };
 
 struct nearfs_load {
@@ -166,6 +173,23 @@ struct nearfs_run {
     __u8 out[NEARFS_OUT_CHUNK];
 };
 
+/* Version 2: the same fields with what a lookup needs inline, 224 bytes each way. Output
+ * past the first NEARFS_SMALL_OUT bytes comes back with NEARFS_IOC_MORE. */
+struct nearfs_run_small {
+    __u32 version, flags;
+    __u64 prog_id;
+    __u64 range_off, range_len;
+    __u32 arg_len;      /* at most NEARFS_SMALL_ARG (larger ones: nearfs_run) */
+    __u32 out_len;
+    __s32 status;
+    __u32 run_error;
+    __u64 result;
+    __u64 insns, hops, device_bytes, output_bytes;
+    __u64 more;
+    __u8 arg[NEARFS_SMALL_ARG];
+    __u8 out[NEARFS_SMALL_OUT];
+};
+
 struct nearfs_more {
     __u32 version, flags;
     __u64 token; /* in */
@@ -183,6 +207,7 @@ struct nearfs_more {
 #define NEARFS_IOC_LIST _IOWR('N', 5, struct nearfs_list)
 #define NEARFS_IOC_RUN _IOWR('N', 6, struct nearfs_run)
 #define NEARFS_IOC_MORE _IOWR('N', 7, struct nearfs_more)
+#define NEARFS_IOC_RUN_SMALL _IOWR('N', 8, struct nearfs_run_small)
 #endif
 
 #endif

@@ -9,9 +9,14 @@
 //! so in the struct's `status` field, because the kernel copies nothing back from a
 //! failed ioctl.
 
-/// Bumped whenever a struct or meaning changes; the daemon refuses other versions with
-/// `EPROTO`, and `VERSION` tells the client which one it speaks.
-pub const ABI_VERSION: u32 = 1;
+/// Bumped whenever a struct or meaning changes. A request carries the version its client
+/// speaks; the daemon serves every version in [`VERSIONS`] and refuses others with
+/// `EPROTO`. `VERSION` agrees on one (see [`cmd::VERSION`]).
+///
+/// Version 2 added `RUN_SMALL`; every struct of version 1 is unchanged.
+pub const ABI_VERSION: u32 = 2;
+/// The versions this side speaks, bit `v` for version `v` (`VERSION`'s reply `flags`).
+pub const VERSIONS: u32 = 1 << 1 | 1 << 2;
 
 /// Object bytes per `LOAD` chunk.
 pub const LOAD_CHUNK: usize = 8192;
@@ -21,6 +26,9 @@ pub const LOG_CHUNK: usize = 8192;
 pub const OUT_CHUNK: usize = 8192;
 /// Largest argument blob (appcode's `NEARFS_ARG_SIZE`).
 pub const ARG_SIZE: usize = 1024;
+/// Argument and output bytes inline in `RUN_SMALL`: a lookup's key and answer.
+pub const SMALL_ARG: usize = 64;
+pub const SMALL_OUT: usize = 64;
 /// Programs per `LIST` reply.
 pub const LIST_ENTRIES: usize = 32;
 /// Bytes of a program name, NUL-padded.
@@ -79,8 +87,12 @@ pub mod cmd {
     pub const LIST_SIZE: usize = 32 + LIST_ENTRIES * LIST_ENTRY_SIZE;
     pub const LIST_ENTRY_SIZE: usize = 24 + NAME_SIZE;
     pub const RUN_SIZE: usize = 96 + ARG_SIZE + OUT_CHUNK;
+    pub const RUN_SMALL_SIZE: usize = 96 + SMALL_ARG + SMALL_OUT;
     pub const MORE_SIZE: usize = 24 + OUT_CHUNK;
 
+    /// In: `version` = the newest version the client speaks (0 from clients of version 1,
+    /// which left it zero, counts as 1). Out: `version` = the newest version both speak,
+    /// `flags` = [`VERSIONS`] of the daemon.
     pub const VERSION: u32 = iowr(1, VERSION_SIZE);
     pub const LOAD: u32 = iowr(2, LOAD_SIZE);
     pub const LOG: u32 = iowr(3, LOG_SIZE);
@@ -88,6 +100,53 @@ pub mod cmd {
     pub const LIST: u32 = iowr(5, LIST_SIZE);
     pub const RUN: u32 = iowr(6, RUN_SIZE);
     pub const MORE: u32 = iowr(7, MORE_SIZE);
+    /// Version 2: `RUN` with [`SMALL_ARG`] argument and [`SMALL_OUT`] output bytes inline.
+    pub const RUN_SMALL: u32 = iowr(8, RUN_SMALL_SIZE);
+}
+
+/// The two sizes of `struct nearfs_run`: the same fields, with inline argument and output
+/// of different lengths. Output past the inline part comes back with `MORE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunShape {
+    pub cmd: u32,
+    pub size: usize,
+    /// Largest argument.
+    pub arg: usize,
+    /// Output bytes in the reply itself.
+    pub out: usize,
+    /// The oldest ABI version that has it.
+    pub since: u32,
+}
+
+impl RunShape {
+    /// `nearfs_run` (version 1): up to 1 KiB of argument, 8 KiB of output inline.
+    pub const LARGE: RunShape = RunShape {
+        cmd: cmd::RUN,
+        size: cmd::RUN_SIZE,
+        arg: ARG_SIZE,
+        out: OUT_CHUNK,
+        since: 1,
+    };
+    /// `nearfs_run_small` (version 2): what a lookup needs, 224 bytes each way.
+    pub const SMALL: RunShape = RunShape {
+        cmd: cmd::RUN_SMALL,
+        size: cmd::RUN_SMALL_SIZE,
+        arg: SMALL_ARG,
+        out: SMALL_OUT,
+        since: 2,
+    };
+
+    /// Where the inline output starts.
+    pub const fn out_at(self) -> usize {
+        off::run::ARG + self.arg
+    }
+
+    /// The shape of a RUN command, if it is one.
+    pub fn of(command: u32) -> Option<RunShape> {
+        [RunShape::LARGE, RunShape::SMALL]
+            .into_iter()
+            .find(|s| s.cmd == command)
+    }
 }
 
 /// Field offsets. Every struct starts with `u32 version; u32 flags;`.
@@ -135,7 +194,8 @@ pub mod off {
         pub const E_NAME: usize = 24; // char[64]
     }
 
-    /// `struct nearfs_run`
+    /// `struct nearfs_run` and `struct nearfs_run_small` (`RunShape`): the same fields,
+    /// up to `ARG`; the inline output follows the argument (`RunShape::out_at`).
     pub mod run {
         pub const PROG_ID: usize = 8; // u64 in
         pub const RANGE_OFF: usize = 16; // u64 in
@@ -150,8 +210,7 @@ pub mod off {
         pub const DEVICE_BYTES: usize = 72;
         pub const OUTPUT_BYTES: usize = 80; // all output, also what is left for MORE
         pub const MORE: usize = 88; // u64 out: token for MORE, 0 if out holds everything
-        pub const ARG: usize = 96; // u8[ARG_SIZE] in
-        pub const OUT: usize = 96 + super::super::ARG_SIZE; // u8[OUT_CHUNK] out
+        pub const ARG: usize = 96; // u8[shape.arg] in
     }
 
     /// `struct nearfs_more`
@@ -235,6 +294,7 @@ mod tests {
             cmd::UNLOAD_SIZE,
             cmd::LIST_SIZE,
             cmd::RUN_SIZE,
+            cmd::RUN_SMALL_SIZE,
             cmd::MORE_SIZE,
         ] {
             assert!(size <= 16383, "{size}");
@@ -242,7 +302,11 @@ mod tests {
         }
         assert_eq!(off::load::DATA + LOAD_CHUNK, cmd::LOAD_SIZE);
         assert_eq!(off::load::NAME + NAME_SIZE, off::load::DATA);
-        assert_eq!(off::run::OUT + OUT_CHUNK, cmd::RUN_SIZE);
+        for shape in [RunShape::LARGE, RunShape::SMALL] {
+            assert_eq!(shape.out_at() + shape.out, shape.size);
+            assert_eq!(RunShape::of(shape.cmd), Some(shape));
+        }
+        assert_eq!(cmd::RUN_SMALL_SIZE, 224);
         assert_eq!(off::log::TEXT + LOG_CHUNK, cmd::LOG_SIZE);
         assert_eq!(off::more::OUT + OUT_CHUNK, cmd::MORE_SIZE);
         assert_eq!(off::list::E_NAME + NAME_SIZE, cmd::LIST_ENTRY_SIZE);

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use abi::{Fields, FieldsMut, cmd, off};
+use abi::{Fields, FieldsMut, RunShape, cmd, off};
 
 /// A loaded program's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -137,11 +137,19 @@ fn call(file: &File, cmd: u32, buf: &mut [u8]) -> Result<()> {
     }
 }
 
-/// The daemon's ABI version (any version of client may ask).
+/// The newest ABI version the daemon and this client both speak (any version of client
+/// may ask).
 pub fn version(file: &File) -> Result<u32> {
+    Ok(versions(file)?.0)
+}
+
+/// The newest ABI version both speak, and every version the daemon speaks (bit `v` for
+/// version `v`).
+pub fn versions(file: &File) -> Result<(u32, u32)> {
     let mut b = vec![0u8; cmd::VERSION_SIZE];
+    b.put_u32(off::VERSION, abi::ABI_VERSION);
     ioctl(file, cmd::VERSION, &mut b)?;
-    Ok(b.u32_at(off::VERSION))
+    Ok((b.u32_at(off::VERSION), b.u32_at(off::FLAGS)))
 }
 
 /// Loads program `name` (or the object's only program) from an ELF object. `file` may be
@@ -236,6 +244,9 @@ pub struct Run<'a> {
     pub range_len: u64,
     pub arg: &'a [u8],
     pub write: bool,
+    /// Output bytes the caller expects: more than fit a small RUN's reply and the run goes
+    /// in the large struct, whose reply holds 8 KiB.
+    pub expect_output: usize,
 }
 
 impl<'a> Run<'a> {
@@ -247,6 +258,7 @@ impl<'a> Run<'a> {
             range_len: abi::RANGE_TO_END,
             arg: &[],
             write: false,
+            expect_output: 0,
         }
     }
 
@@ -265,21 +277,46 @@ impl<'a> Run<'a> {
         self.write = write;
         self
     }
+
+    pub fn expect_output(mut self, bytes: usize) -> Self {
+        self.expect_output = bytes;
+        self
+    }
+
+    /// The smallest struct that carries the argument and the expected output.
+    fn shape(&self) -> RunShape {
+        if self.arg.len() <= RunShape::SMALL.arg && self.expect_output <= RunShape::SMALL.out {
+            RunShape::SMALL
+        } else {
+            RunShape::LARGE
+        }
+    }
 }
 
 /// Runs a program over `file` (opened for reading; also for writing if `run.write`),
-/// fetching all of its output.
+/// fetching all of its output. The request goes in the smallest struct that carries it
+/// ([`RunShape`]); a daemon of ABI version 1, which has no small one, gets the large.
 pub fn run(file: &File, run: &Run<'_>) -> Result<Output> {
     if run.arg.len() > abi::ARG_SIZE {
         return Err(Error::Io(io::Error::from_raw_os_error(libc::E2BIG)));
     }
-    let mut b = abi::request(cmd::RUN_SIZE, if run.write { abi::RUN_WRITE } else { 0 });
+    let shape = run.shape();
+    match run_as(file, run, shape) {
+        Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ENOTTY) && shape != RunShape::LARGE => {
+            run_as(file, run, RunShape::LARGE)
+        }
+        r => r,
+    }
+}
+
+fn run_as(file: &File, run: &Run<'_>, shape: RunShape) -> Result<Output> {
+    let mut b = abi::request(shape.size, if run.write { abi::RUN_WRITE } else { 0 });
     b.put_u64(off::run::PROG_ID, run.prog.0);
     b.put_u64(off::run::RANGE_OFF, run.range_off);
     b.put_u64(off::run::RANGE_LEN, run.range_len);
     b.put_u32(off::run::ARG_LEN, run.arg.len() as u32);
     b[off::run::ARG..off::run::ARG + run.arg.len()].copy_from_slice(run.arg);
-    call(file, cmd::RUN, &mut b)?;
+    call(file, shape.cmd, &mut b)?;
     let costs = Costs {
         insns: b.u64_at(off::run::INSNS),
         hops: b.u64_at(off::run::HOPS),
@@ -294,8 +331,8 @@ pub fn run(file: &File, run: &Run<'_>) -> Result<Output> {
             costs,
         });
     }
-    let len = (b.u32_at(off::run::OUT_LEN) as usize).min(abi::OUT_CHUNK);
-    let mut output = b[off::run::OUT..off::run::OUT + len].to_vec();
+    let len = (b.u32_at(off::run::OUT_LEN) as usize).min(shape.out);
+    let mut output = b[shape.out_at()..shape.out_at() + len].to_vec();
     let token = b.u64_at(off::run::MORE);
     while token != 0 && (output.len() as u64) < costs.output_bytes {
         let mut m = abi::request(cmd::MORE_SIZE, 0);

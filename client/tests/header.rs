@@ -1,10 +1,11 @@
 //! `bpf-progs/include/nearfs.h` declares the same ioctl structs as `nearfs_client::abi`:
 //! a C program prints the header's offsets, sizes and command numbers, which must match.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use nearfs_client::abi::{cmd, off, run_error};
+use nearfs_client::abi::{RunShape, cmd, off, run_error};
 
 const PRINT: &str = r#"
 #include <stddef.h>
@@ -25,11 +26,18 @@ int main(void)
     O(nearfs_run, arg_len) O(nearfs_run, out_len) O(nearfs_run, status) O(nearfs_run, run_error)
     O(nearfs_run, result) O(nearfs_run, insns) O(nearfs_run, hops) O(nearfs_run, device_bytes)
     O(nearfs_run, output_bytes) O(nearfs_run, more) O(nearfs_run, arg) O(nearfs_run, out)
+    O(nearfs_run_small, prog_id) O(nearfs_run_small, range_off) O(nearfs_run_small, range_len)
+    O(nearfs_run_small, arg_len) O(nearfs_run_small, out_len) O(nearfs_run_small, status)
+    O(nearfs_run_small, run_error) O(nearfs_run_small, result) O(nearfs_run_small, insns)
+    O(nearfs_run_small, hops) O(nearfs_run_small, device_bytes)
+    O(nearfs_run_small, output_bytes) O(nearfs_run_small, more) O(nearfs_run_small, arg)
+    O(nearfs_run_small, out)
     O(nearfs_more, token) O(nearfs_more, len) O(nearfs_more, left) O(nearfs_more, out)
     S(nearfs_version) S(nearfs_load) S(nearfs_log) S(nearfs_unload) S(nearfs_list)
-    S(nearfs_prog_info) S(nearfs_run) S(nearfs_more)
+    S(nearfs_prog_info) S(nearfs_run) S(nearfs_run_small) S(nearfs_more)
     C(NEARFS_IOC_VERSION) C(NEARFS_IOC_LOAD) C(NEARFS_IOC_LOG) C(NEARFS_IOC_UNLOAD)
-    C(NEARFS_IOC_LIST) C(NEARFS_IOC_RUN) C(NEARFS_IOC_MORE) C(NEARFS_ABI_VERSION)
+    C(NEARFS_IOC_LIST) C(NEARFS_IOC_RUN) C(NEARFS_IOC_MORE) C(NEARFS_IOC_RUN_SMALL)
+    C(NEARFS_ABI_VERSION) C(NEARFS_ABI_VERSIONS)
     C(NEARFS_RUN_E_INSNS) C(NEARFS_RUN_E_HOPS) C(NEARFS_RUN_E_DEVICE_BYTES)
     C(NEARFS_RUN_E_OUTPUT_BYTES) C(NEARFS_RUN_E_TIMEOUT) C(NEARFS_RUN_E_OUT_OF_RANGE)
     C(NEARFS_RUN_E_IO) C(NEARFS_RUN_E_FAULT) C(NEARFS_RUN_E_ARG) C(NEARFS_RUN_E_ACCESS)
@@ -61,6 +69,30 @@ fn the_c_header_declares_the_same_structs() {
     let printed = String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let e = off::list::ENTRIES;
+    let run_fields = [
+        ("prog_id", off::run::PROG_ID),
+        ("range_off", off::run::RANGE_OFF),
+        ("range_len", off::run::RANGE_LEN),
+        ("arg_len", off::run::ARG_LEN),
+        ("out_len", off::run::OUT_LEN),
+        ("status", off::run::STATUS),
+        ("run_error", off::run::RUN_ERROR),
+        ("result", off::run::RESULT),
+        ("insns", off::run::INSNS),
+        ("hops", off::run::HOPS),
+        ("device_bytes", off::run::DEVICE_BYTES),
+        ("output_bytes", off::run::OUTPUT_BYTES),
+        ("more", off::run::MORE),
+        ("arg", off::run::ARG),
+    ];
+    let run_names: Vec<(String, u64)> = ["nearfs_run", "nearfs_run_small"]
+        .iter()
+        .flat_map(|st| {
+            run_fields
+                .iter()
+                .map(move |(f, at)| (format!("{st}.{f}"), *at as u64))
+        })
+        .collect();
     let want: Vec<(&str, u64)> = vec![
         ("nearfs_load.session", off::load::SESSION as u64),
         ("nearfs_load.offset", off::load::OFFSET as u64),
@@ -84,21 +116,8 @@ fn the_c_header_declares_the_same_structs() {
         ("nearfs_prog_info.insns", off::list::E_INSNS as u64),
         ("nearfs_prog_info.max_insns", off::list::E_MAX_INSNS as u64),
         ("nearfs_prog_info.name", off::list::E_NAME as u64),
-        ("nearfs_run.prog_id", off::run::PROG_ID as u64),
-        ("nearfs_run.range_off", off::run::RANGE_OFF as u64),
-        ("nearfs_run.range_len", off::run::RANGE_LEN as u64),
-        ("nearfs_run.arg_len", off::run::ARG_LEN as u64),
-        ("nearfs_run.out_len", off::run::OUT_LEN as u64),
-        ("nearfs_run.status", off::run::STATUS as u64),
-        ("nearfs_run.run_error", off::run::RUN_ERROR as u64),
-        ("nearfs_run.result", off::run::RESULT as u64),
-        ("nearfs_run.insns", off::run::INSNS as u64),
-        ("nearfs_run.hops", off::run::HOPS as u64),
-        ("nearfs_run.device_bytes", off::run::DEVICE_BYTES as u64),
-        ("nearfs_run.output_bytes", off::run::OUTPUT_BYTES as u64),
-        ("nearfs_run.more", off::run::MORE as u64),
-        ("nearfs_run.arg", off::run::ARG as u64),
-        ("nearfs_run.out", off::run::OUT as u64),
+        ("nearfs_run.out", RunShape::LARGE.out_at() as u64),
+        ("nearfs_run_small.out", RunShape::SMALL.out_at() as u64),
         ("nearfs_more.token", off::more::TOKEN as u64),
         ("nearfs_more.len", off::more::LEN as u64),
         ("nearfs_more.left", off::more::LEFT as u64),
@@ -110,6 +129,7 @@ fn the_c_header_declares_the_same_structs() {
         ("nearfs_list", cmd::LIST_SIZE as u64),
         ("nearfs_prog_info", cmd::LIST_ENTRY_SIZE as u64),
         ("nearfs_run", cmd::RUN_SIZE as u64),
+        ("nearfs_run_small", cmd::RUN_SMALL_SIZE as u64),
         ("nearfs_more", cmd::MORE_SIZE as u64),
         ("NEARFS_IOC_VERSION", u64::from(cmd::VERSION)),
         ("NEARFS_IOC_LOAD", u64::from(cmd::LOAD)),
@@ -118,6 +138,11 @@ fn the_c_header_declares_the_same_structs() {
         ("NEARFS_IOC_LIST", u64::from(cmd::LIST)),
         ("NEARFS_IOC_RUN", u64::from(cmd::RUN)),
         ("NEARFS_IOC_MORE", u64::from(cmd::MORE)),
+        ("NEARFS_IOC_RUN_SMALL", u64::from(cmd::RUN_SMALL)),
+        (
+            "NEARFS_ABI_VERSIONS",
+            u64::from(nearfs_client::abi::VERSIONS),
+        ),
         (
             "NEARFS_ABI_VERSION",
             u64::from(nearfs_client::abi::ABI_VERSION),
@@ -146,13 +171,17 @@ fn the_c_header_declares_the_same_structs() {
             u64::from(run_error::WRITE_BYTES),
         ),
     ];
-    let got: Vec<(String, u64)> = printed
+    let got: BTreeMap<String, u64> = printed
         .lines()
         .map(|l| {
             let (k, v) = l.split_once(' ').unwrap();
             (k.to_string(), v.parse().unwrap())
         })
         .collect();
-    let want: Vec<(String, u64)> = want.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let want: BTreeMap<String, u64> = want
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(run_names)
+        .collect();
     assert_eq!(got, want);
 }

@@ -41,7 +41,7 @@ use extents::access::{MAY_READ, MAY_WRITE};
 use extents::{BLOCK_SIZE, Creds, FileKind, Fs, FsError, Ino, OpenMode};
 use fuser::{Errno, INodeNo, Notifier, ReplyIoctl};
 use nbd::{NbdDevice, NotAtTarget, RemoteProgram, RemoteWorld};
-use nearfs_client::abi::{self, Fields, FieldsMut, cmd, off, run_error};
+use nearfs_client::abi::{self, Fields, FieldsMut, RunShape, cmd, off, run_error};
 
 use crate::errno::errno;
 use crate::workers::{Job, Turn, Workers};
@@ -499,7 +499,10 @@ impl Offload {
             cmd::LOG => (cmd::LOG_SIZE, off::log::LEN..off::log::TEXT),
             cmd::UNLOAD => (cmd::UNLOAD_SIZE, 0..0),
             cmd::LIST => (cmd::LIST_SIZE, off::list::NEXT..off::list::ENTRIES),
-            cmd::RUN => (cmd::RUN_SIZE, off::run::OUT_LEN..off::run::ARG),
+            cmd::RUN | cmd::RUN_SMALL => {
+                let shape = RunShape::of(command).expect("a RUN command");
+                (shape.size, off::run::OUT_LEN..off::run::ARG)
+            }
             cmd::MORE => (cmd::MORE_SIZE, off::more::LEN..off::more::OUT),
             _ => return Dispatch::Now(Err(Errno::ENOTTY)),
         };
@@ -508,11 +511,16 @@ impl Offload {
         }
         let mut b = input.to_vec();
         b[outputs].fill(0);
+        let version = b.u32_at(off::VERSION);
         if command == cmd::VERSION {
-            b.put_u32(off::VERSION, abi::ABI_VERSION);
+            // Clients of version 1 left `version` zero; they speak 1.
+            let agreed = version.clamp(1, abi::ABI_VERSION);
+            b.put_u32(off::VERSION, agreed);
+            b.put_u32(off::FLAGS, abi::VERSIONS);
             return Dispatch::Now(Ok(Answer::plain(b)));
         }
-        if b.u32_at(off::VERSION) != abi::ABI_VERSION {
+        let since = RunShape::of(command).map_or(1, |s| s.since);
+        if !(since..=abi::ABI_VERSION).contains(&version) {
             return Dispatch::Now(Err(Errno::EPROTO));
         }
         if self.settings.policy == Policy::Off {
@@ -522,7 +530,10 @@ impl Offload {
         let now = |r: Result<(), Errno>, b: Vec<u8>| Dispatch::Now(r.map(|()| Answer::plain(b)));
         match command {
             cmd::LOAD => self.load(&caller, b),
-            cmd::RUN => self.run(caller, b),
+            cmd::RUN | cmd::RUN_SMALL => {
+                let shape = RunShape::of(command).expect("a RUN command");
+                self.run(caller, b, shape)
+            }
             cmd::LOG => {
                 let r = self.log(&caller, &mut b);
                 now(r, b)
@@ -849,9 +860,9 @@ impl Offload {
         }
     }
 
-    /// A RUN: checked here; run here if the runners give room ([`Workers::here`]), else
-    /// queued for one.
-    fn run(self: &Arc<Self>, caller: Caller, b: Vec<u8>) -> Dispatch {
+    /// A RUN, in a struct of `shape`: checked here; run here if the runners give room
+    /// ([`Workers::here`]), else queued for one.
+    fn run(self: &Arc<Self>, caller: Caller, b: Vec<u8>, shape: RunShape) -> Dispatch {
         let started = Instant::now();
         let checked = (|| {
             let flags = b.u32_at(off::FLAGS);
@@ -864,7 +875,7 @@ impl Offload {
                 .get(&b.u64_at(off::run::PROG_ID))
                 .map(|p| p.clone())
                 .ok_or(Errno::ENOENT)?;
-            if b.u32_at(off::run::ARG_LEN) as usize > abi::ARG_SIZE {
+            if b.u32_at(off::run::ARG_LEN) as usize > shape.arg {
                 return Err(Errno::E2BIG);
             }
             Ok((write, loaded))
@@ -876,7 +887,7 @@ impl Offload {
         if let Some(_here) = self.runners.here(caller.creds.uid) {
             let mut b = b;
             let answer = self
-                .execute(&caller, &loaded, write, started, &mut b)
+                .execute(&caller, &loaded, write, started, shape, &mut b)
                 .map(|wrote| Answer { bytes: b, wrote });
             return Dispatch::Now(answer);
         }
@@ -885,7 +896,7 @@ impl Offload {
             kind: Kind::Run,
             work: Box::new(move |me: &Arc<Offload>| {
                 let mut b = b;
-                let wrote = me.execute(&caller, &loaded, write, started, &mut b)?;
+                let wrote = me.execute(&caller, &loaded, write, started, shape, &mut b)?;
                 Ok(Answer { bytes: b, wrote })
             }),
         })
@@ -898,6 +909,7 @@ impl Offload {
         loaded: &Loaded,
         write: bool,
         started: Instant,
+        shape: RunShape,
         b: &mut [u8],
     ) -> Result<bool, Errno> {
         // Checked when the run starts, not when it was asked for: a queued run may wait
@@ -919,7 +931,7 @@ impl Offload {
             .settings
             .bytes_per_user
             .saturating_sub(self.users.usage(uid, |u| u.bytes));
-        limits.output_bytes = limits.output_bytes.min(room.max(abi::OUT_CHUNK as u64));
+        limits.output_bytes = limits.output_bytes.min(room.max(shape.out as u64));
         let req = Request { arg: &arg, limits };
         let outcome = self
             .fs
@@ -956,8 +968,9 @@ impl Offload {
         // going, so that passes the limits by as many outputs at most.
         let outcome = outcome.and_then(|mut out| {
             let len = out.output.len();
-            let first = len.min(abi::OUT_CHUNK);
-            b[off::run::OUT..off::run::OUT + first].copy_from_slice(&out.output[..first]);
+            let first = len.min(shape.out);
+            let at = shape.out_at();
+            b[at..at + first].copy_from_slice(&out.output[..first]);
             if len == first {
                 return Ok((out, len, 0));
             }
@@ -987,7 +1000,7 @@ impl Offload {
                 put_costs(b, &out.costs);
                 b.put_u64(off::run::RESULT, out.result);
                 b.put_i32(off::run::STATUS, 0);
-                b.put_u32(off::run::OUT_LEN, len.min(abi::OUT_CHUNK) as u32);
+                b.put_u32(off::run::OUT_LEN, len.min(shape.out) as u32);
                 b.put_u64(off::run::MORE, more);
                 Ok(wrote)
             }
