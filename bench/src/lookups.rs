@@ -311,6 +311,40 @@ pub fn measure(
     Ok(())
 }
 
+/// The crossing alone, measured in turns (see [`measure::alternating`]): the VERSION
+/// ioctl, a null RUN in the small struct and in the large one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Crossings {
+    pub version: Stats,
+    pub null_small: Stats,
+    pub null_large: Stats,
+}
+
+pub fn crossings(plan: &Plan, work: &Work, m: &Mounted, tree: &Tree) -> Result<Crossings> {
+    let file = File::open(m.path(&tree.name))?;
+    let null = work.load(&file, "progs/null.c")?;
+    let run = |expect: usize| {
+        let run = Run::new(null).range(0, 0).expect_output(expect);
+        nearfs_client::run(&file, &run)
+            .map(|_| ())
+            .map_err(Into::into)
+    };
+    let mut version = || {
+        nearfs_client::version(&file)
+            .map(|_| ())
+            .map_err(Into::into)
+    };
+    let mut small = || run(0);
+    let mut large = || run(nearfs_client::abi::OUT_CHUNK);
+    let stats = measure::alternating(plan.cell * 3, &mut [&mut version, &mut small, &mut large])?;
+    nearfs_client::unload(&file, null)?;
+    Ok(Crossings {
+        version: stats[0],
+        null_small: stats[1],
+        null_large: stats[2],
+    })
+}
+
 /// [`BATCH`] random lookups in one RUN, each answer checked.
 fn batch_run(file: &File, batch: ProgId, tree: &Tree, rng: &mut Rng) -> Result<()> {
     let picks: Vec<usize> = (0..BATCH)

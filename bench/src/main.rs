@@ -217,6 +217,7 @@ fn measure_local(args: &Args, plan: &Plan, r: &mut report::Results) -> Result<()
         let mut trees = lookups::prepare(plan, &work, &m)?;
         eprintln!("==> lookups, device as it is");
         lookups::measure(plan, &work, &m, 0, &mut trees, &mut r.lookups)?;
+        r.crossings = Some(lookups::crossings(plan, &work, &m, &trees[0])?);
         eprintln!("==> scans");
         scans::measure(plan, &work, &m, &mut r.scans)?;
         eprintln!("==> read-modify-write");

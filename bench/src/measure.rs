@@ -78,6 +78,32 @@ pub fn threads<S>(
     Ok(summarise(all, wall, threads as u64))
 }
 
+/// Runs each of `ops` in turn, over and over for `time` on this thread, and summarises
+/// each one's times: what the host does meanwhile falls on all of them alike, so their
+/// ratios hold even when the machine is noisy.
+pub fn alternating(
+    time: Duration,
+    ops: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<Stats>> {
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); ops.len()];
+    for op in ops.iter_mut() {
+        op()?;
+    }
+    let begin = Instant::now();
+    while begin.elapsed() < time {
+        for (op, lat) in ops.iter_mut().zip(&mut lat) {
+            let t = Instant::now();
+            op()?;
+            lat.push(t.elapsed());
+        }
+    }
+    let wall = begin.elapsed();
+    Ok(lat
+        .into_iter()
+        .map(|l| summarise(l, wall / ops.len() as u32, 1))
+        .collect())
+}
+
 /// Runs `op` `times` times in a row (after one warm-up) and summarises the times.
 pub fn repeat(times: usize, mut op: impl FnMut() -> Result<()>) -> Result<Stats> {
     op()?;
