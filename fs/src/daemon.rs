@@ -30,6 +30,10 @@ use crate::offload::{Caller, Offload, POLICY_XATTR, Policy};
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel may send in one request.
 const MAX_WRITE: u32 = 1 << 20;
+/// How files are opened: the kernel keeps their pages across opens (a writing run drops
+/// what it makes stale), and `close` sends no FLUSH, which would have nothing to do:
+/// every write reaches the device before it is acknowledged.
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
 /// An open file or directory.
 #[derive(Clone, Copy, Debug)]
@@ -422,10 +426,7 @@ impl Filesystem for NearFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mode = open_mode(flags);
         match self.fs.open(&creds(req), Ino(ino.0), mode) {
-            Ok(_) => reply.opened(
-                self.add_handle(Ino(ino.0), mode),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(_) => reply.opened(self.add_handle(Ino(ino.0), mode), FILE_OPEN_FLAGS),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -730,7 +731,7 @@ impl Filesystem for NearFs {
                     &fuse_attr(&a),
                     Generation(a.generation),
                     fh,
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    FILE_OPEN_FLAGS,
                 );
             }
             Err(e) => reply.error(errno(&e)),

@@ -290,7 +290,7 @@ pub struct Offload {
     stats: DashMap<u64, FileStats>,
     /// When `expire` last looked.
     expired: Mutex<Instant>,
-    invalidator: OnceLock<Mutex<Sender<Invalidate>>>,
+    invalidator: OnceLock<Invalidator>,
     /// Files the kernel may hold pages of: a read or write was served since the file's
     /// pages were last dropped (or the kernel forgot the inode).
     cached: DashMap<u64, ()>,
@@ -301,6 +301,13 @@ pub struct Offload {
     /// The NBD device of a mount over the network, where runs go when its target offers
     /// appcode.
     target: Option<Arc<NbdDevice>>,
+}
+
+/// Tells the kernel what a writing run changed: its page drops go through a thread of
+/// their own (see the module comment), attribute drops are sent by the run's thread.
+struct Invalidator {
+    pages: Mutex<Sender<Invalidate>>,
+    notifier: Notifier,
 }
 
 /// A reply to send once a file's pages are dropped from the kernel's page cache.
@@ -381,8 +388,9 @@ impl Offload {
 
     /// Starts the thread that drops what runs wrote from the kernel's page cache and then
     /// replies. Without it (before the session exists) replies go out at once.
-    pub fn set_notifier(&self, n: Notifier) -> std::io::Result<()> {
+    pub fn set_notifier(&self, notifier: Notifier) -> std::io::Result<()> {
         let (tx, rx) = channel::<Invalidate>();
+        let n = notifier.clone();
         std::thread::Builder::new()
             .name("nearfs-invalidate".into())
             .spawn(move || {
@@ -394,7 +402,10 @@ impl Offload {
                     job.reply.ioctl(0, &job.bytes);
                 }
             })?;
-        let _ = self.invalidator.set(Mutex::new(tx));
+        let _ = self.invalidator.set(Invalidator {
+            pages: Mutex::new(tx),
+            notifier,
+        });
         Ok(())
     }
 
@@ -411,12 +422,19 @@ impl Offload {
 
     /// Sends an answer: at once, or, after a run that wrote a file the kernel may hold
     /// pages of, once all of them are dropped. All, not only those the run wrote: the mark
-    /// is cleared here, and the next run will not look at the pages this one left.
+    /// is cleared here, and the next run will not look at the pages this one left. A run
+    /// that wrote a file the kernel holds no pages of still changed its times, which the
+    /// kernel may have cached: those are dropped here, before the reply.
     fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
-        let Some(tx) = self.invalidator.get().filter(|_| answer.wrote) else {
+        let Some(inv) = self.invalidator.get().filter(|_| answer.wrote) else {
             return reply.ioctl(0, &answer.bytes);
         };
         if self.cached.remove(&ino.0).is_none() {
+            // A negative offset drops the attributes and no page, so it waits for no page
+            // lock and may be sent from here.
+            if let Err(e) = inv.notifier.inval_inode(INodeNo(ino.0), -1, 0) {
+                tracing::warn!(error = %e, "attribute invalidation failed");
+            }
             return reply.ioctl(0, &answer.bytes);
         }
         self.stats.entry(ino.0).or_default().invalidations += 1;
@@ -425,7 +443,7 @@ impl Offload {
             reply,
             bytes: answer.bytes,
         };
-        let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = inv.pages.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
             job.reply.ioctl(0, &job.bytes);
         }
