@@ -1027,12 +1027,17 @@ NEARFS_PROG("write_then_fail") long write_then_fail(struct nearfs_ctx *ctx)
     // and send version-1 structs; the small RUN is version 2's.
     {
         use nearfs_client::abi::{Fields, FieldsMut, VERSIONS, cmd, off};
-        let mut v = vec![0u8; cmd::VERSION_SIZE];
-        assert_eq!(raw(cmd::VERSION, &mut v), None);
-        assert_eq!(
-            (v.u32_at(off::VERSION), v.u32_at(off::FLAGS)),
-            (1, VERSIONS)
-        );
+        // Version 1's header called `version` an output: whatever such a client left in
+        // it, it gets version 1's answer.
+        for left in [0, 7, u32::MAX] {
+            let mut v = vec![0u8; cmd::VERSION_SIZE];
+            v.put_u32(off::VERSION, left);
+            assert_eq!(raw(cmd::VERSION, &mut v), None);
+            assert_eq!(
+                (v.u32_at(off::VERSION), v.u32_at(off::FLAGS)),
+                (1, VERSIONS)
+            );
+        }
         let mut req = nearfs_client::abi::request(cmd::RUN_SIZE, nearfs_client::abi::RUN_WRITE);
         req.put_u32(off::VERSION, 1);
         req.put_u64(off::run::PROG_ID, incr.0);
@@ -1385,7 +1390,7 @@ fn per_user_program_and_byte_limits_are_enforced_and_shown() {
     let root = File::open(&t.mnt).unwrap();
     let object = fs::read(example(&t, "bytecount")).unwrap();
     let a = nearfs_client::load(&root, &object, None).unwrap();
-    nearfs_client::load(&root, &object, None).unwrap();
+    let second = nearfs_client::load(&root, &object, None).unwrap();
     let third = nearfs_client::load(&root, &object, None).unwrap_err();
     assert_eq!(client_errno(&third), Some(libc::EDQUOT), "{third}");
     let facts = String::from_utf8(getxattr(&t.mnt, "user.nearfs.fs").unwrap()).unwrap();
@@ -1394,6 +1399,7 @@ fn per_user_program_and_byte_limits_are_enforced_and_shown() {
     nearfs_client::unload(&root, a).unwrap();
     let b = nearfs_client::load(&root, &object, None).unwrap();
     nearfs_client::unload(&root, b).unwrap();
+    nearfs_client::unload(&root, second).unwrap();
 
     // A program whose constants take most of the bytes fits once, not twice.
     let src = t.dir.path().join("big_table.c");
@@ -1448,6 +1454,25 @@ NEARFS_PROG("emit_12k") long emit_12k(struct nearfs_ctx *ctx)
         None,
     )
     .unwrap();
+    // And one whose output fits the large reply, not the small one.
+    let src_1k = t.dir.path().join("emit_1k.c");
+    fs::write(
+        &src_1k,
+        r#"#include "nearfs.h"
+NEARFS_PROG("emit_1k") long emit_1k(struct nearfs_ctx *ctx)
+{
+    nearfs_emit((void *)(long)ctx->scratch, 1024);
+    return 7;
+}
+"#,
+    )
+    .unwrap();
+    let emit_1k = nearfs_client::load(
+        &f,
+        &fs::read(compile_bpf(&src_1k, t.dir.path())).unwrap(),
+        None,
+    )
+    .unwrap();
     let held = |f: &File| {
         use nearfs_client::abi::{Fields, FieldsMut, cmd, off::run};
         let mut req = nearfs_client::abi::request(cmd::RUN_SIZE, 0);
@@ -1479,6 +1504,11 @@ NEARFS_PROG("emit_12k") long emit_12k(struct nearfs_ctx *ctx)
     }
     // 16 things held at most: the outputs, beside the loaded program.
     assert!((1..=16).contains(&tokens), "{tokens}");
+    // With no room to hold anything more, output the large reply holds still comes back:
+    // the client runs a reading run again in the large struct when the small one's
+    // output found no room.
+    let out = nearfs_client::run(&f, &Run::new(emit_1k)).unwrap();
+    assert_eq!((out.result, out.output.len()), (7, 1024));
 }
 
 /// `nearfs prog run`: a program over an ordinary file, no mount, on either engine.

@@ -74,8 +74,9 @@ static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)
 
 /* ---- For applications: the offload ioctls (nearfs_client::abi in Rust). ----
  * Every struct is fixed-size and little-endian, starts with {version, flags}, and is
- * passed whole: ioctl(fd, NEARFS_IOC_RUN_SMALL, &run). `version` is the ABI version the
- * caller speaks (NEARFS_ABI_VERSION); the daemon serves every version it still speaks.
+ * passed whole: ioctl(fd, NEARFS_IOC_RUN_SMALL, &run). `version` is an ABI version the
+ * caller speaks (NEARFS_ABI_VERSION), no older than the struct; the daemon serves every
+ * version it still speaks.
  * Version 2 added nearfs_run_small; every struct of version 1 is unchanged, so programs
  * built against version 1 keep working. Errors that carry no data are the
  * ioctl's errno (ENOENT: no such program, EBADF: the handle's mode, EPERM/EACCES:
@@ -109,8 +110,8 @@ static inline long nearfs_next(struct nearfs_ctx *ctx, __u64 off)
 #define NEARFS_RUN_E_WRITE_BYTES 11
 
 struct nearfs_version {
-    __u32 version; /* in: the newest version the caller speaks (0 counts as 1);
-                      out: the newest version both speak (any version may ask) */
+    __u32 version; /* in: the newest version the caller speaks; out: that version if the
+                      daemon speaks it, else 1 (any version may ask) */
     __u32 flags;   /* out: every version the daemon speaks, as NEARFS_ABI_VERSIONS */
 };
 

@@ -9,9 +9,9 @@
 //! so in the struct's `status` field, because the kernel copies nothing back from a
 //! failed ioctl.
 
-/// Bumped whenever a struct or meaning changes. A request carries the version its client
-/// speaks; the daemon serves every version in [`VERSIONS`] and refuses others with
-/// `EPROTO`. `VERSION` agrees on one (see [`cmd::VERSION`]).
+/// Bumped whenever a struct or meaning changes. A request carries a version the daemon
+/// speaks, no older than its struct; the daemon serves every version in [`VERSIONS`] and
+/// refuses others with `EPROTO`. `VERSION` agrees on one (see [`cmd::VERSION`]).
 ///
 /// Version 2 added `RUN_SMALL`; every struct of version 1 is unchanged.
 pub const ABI_VERSION: u32 = 2;
@@ -90,9 +90,9 @@ pub mod cmd {
     pub const RUN_SMALL_SIZE: usize = 96 + SMALL_ARG + SMALL_OUT;
     pub const MORE_SIZE: usize = 24 + OUT_CHUNK;
 
-    /// In: `version` = the newest version the client speaks (0 from clients of version 1,
-    /// which left it zero, counts as 1). Out: `version` = the newest version both speak,
-    /// `flags` = [`VERSIONS`] of the daemon.
+    /// In: `version` = the newest version the client speaks. Out: `version` = that version
+    /// if the daemon speaks it, else 1 (what version-1 clients, told it was an output
+    /// only, expect whatever they left there); `flags` = [`VERSIONS`] of the daemon.
     pub const VERSION: u32 = iowr(1, VERSION_SIZE);
     pub const LOAD: u32 = iowr(2, LOAD_SIZE);
     pub const LOG: u32 = iowr(3, LOG_SIZE);
@@ -139,6 +139,11 @@ impl RunShape {
     /// Where the inline output starts.
     pub const fn out_at(self) -> usize {
         off::run::ARG + self.arg
+    }
+
+    /// A zeroed request of this shape, with the version that brought it.
+    pub fn request(self, flags: u32) -> Vec<u8> {
+        versioned(self.size, flags, self.since)
     }
 
     /// The shape of a RUN command, if it is one.
@@ -273,10 +278,16 @@ impl FieldsMut for [u8] {
     }
 }
 
-/// A zeroed request of `size` bytes with the version filled in.
+/// A zeroed request of `size` bytes, for a struct version 1 has, with that version
+/// filled in: a request says the oldest version that has its struct, so that this client
+/// works with every daemon that has it (see [`ABI_VERSION`]).
 pub fn request(size: usize, flags: u32) -> Vec<u8> {
+    versioned(size, flags, 1)
+}
+
+fn versioned(size: usize, flags: u32, version: u32) -> Vec<u8> {
     let mut b = vec![0u8; size];
-    b.put_u32(off::VERSION, ABI_VERSION);
+    b.put_u32(off::VERSION, version);
     b.put_u32(off::FLAGS, flags);
     b
 }
@@ -328,6 +339,8 @@ mod tests {
         assert_eq!(b.i32_at(off::run::STATUS), -22);
         b.put_str(off::load::NAME, NAME_SIZE, "btree_lookup");
         assert_eq!(b.str_at(off::load::NAME, NAME_SIZE), "btree_lookup");
-        assert_eq!(b.u32_at(off::VERSION), ABI_VERSION);
+        // Each struct goes with the oldest version that has it.
+        assert_eq!(b.u32_at(off::VERSION), 1);
+        assert_eq!(RunShape::SMALL.request(0).u32_at(off::VERSION), 2);
     }
 }

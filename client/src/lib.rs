@@ -295,14 +295,26 @@ impl<'a> Run<'a> {
 
 /// Runs a program over `file` (opened for reading; also for writing if `run.write`),
 /// fetching all of its output. The request goes in the smallest struct that carries it
-/// ([`RunShape`]); a daemon of ABI version 1, which has no small one, gets the large.
+/// ([`RunShape`]), and again in the large one when the small one is not enough:
+/// - a daemon of ABI version 1 has no small struct (`ENOTTY`);
+/// - output past the small reply is held for `MORE` within the user's limits; a reading
+///   run whose output found no room there (which 8 KiB inline would not have needed)
+///   changed nothing and is run again.
 pub fn run(file: &File, run: &Run<'_>) -> Result<Output> {
     if run.arg.len() > abi::ARG_SIZE {
         return Err(Error::Io(io::Error::from_raw_os_error(libc::E2BIG)));
     }
     let shape = run.shape();
+    if shape == RunShape::LARGE {
+        return run_as(file, run, shape);
+    }
     match run_as(file, run, shape) {
-        Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ENOTTY) && shape != RunShape::LARGE => {
+        Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ENOTTY) => {
+            run_as(file, run, RunShape::LARGE)
+        }
+        Err(Error::RunFailed { kind, .. })
+            if kind == abi::run_error::OUTPUT_BYTES && !run.write =>
+        {
             run_as(file, run, RunShape::LARGE)
         }
         r => r,
@@ -310,7 +322,7 @@ pub fn run(file: &File, run: &Run<'_>) -> Result<Output> {
 }
 
 fn run_as(file: &File, run: &Run<'_>, shape: RunShape) -> Result<Output> {
-    let mut b = abi::request(shape.size, if run.write { abi::RUN_WRITE } else { 0 });
+    let mut b = shape.request(if run.write { abi::RUN_WRITE } else { 0 });
     b.put_u64(off::run::PROG_ID, run.prog.0);
     b.put_u64(off::run::RANGE_OFF, run.range_off);
     b.put_u64(off::run::RANGE_LEN, run.range_len);

@@ -145,14 +145,21 @@ pub(crate) fn exclusive(io: &IoLock) -> RwLockWriteGuard<'_, ()> {
 /// How a truncation treats the file's partial last block (see [`Fs::prepare_truncate`]).
 #[derive(Debug)]
 pub(crate) enum Tail {
-    /// Nothing to do: the new size is on a block boundary, in a hole, or not smaller.
+    /// Nothing to map: the new size is on a block boundary, in a hole, or not smaller, or
+    /// (on a full device) the tail was zeroed where it is.
     Keep,
     /// A fresh block holding the bytes before the new size and zeros after, to map in
     /// place of the old one.
     Copy(Run),
-    /// No block was free: zero the bytes from the new size to the block's end where they
-    /// are (device byte offset, length), once the truncation is applied.
-    ZeroInPlace(u64, u64),
+}
+
+impl Tail {
+    /// Gives back a prepared copy that will not be mapped: nothing refers to it.
+    pub(crate) fn release(self, alloc: &mut Allocator) {
+        if let Tail::Copy(run) = self {
+            let _ = alloc.release(run);
+        }
+    }
 }
 
 impl Fs {
@@ -326,7 +333,9 @@ impl Fs {
     /// The tail of a partial last block is zeroed in a copy of that block, mapped in its
     /// place by [`Fs::truncate_locked`]: zeroing it where it is would destroy committed
     /// bytes before the truncation itself is committed, and a crash in between would show
-    /// the old size with zeros inside it. Only on a full device is it zeroed in place.
+    /// the old size with zeros inside it. Only on a full device is it zeroed in place, here,
+    /// before the truncation is applied: the other order could commit the new size before
+    /// the zeros, and a crash then would show the old bytes when the file grows again.
     pub(crate) fn prepare_truncate(&self, ino: Ino, size: u64) -> Result<Tail> {
         let tail = size % BLOCK_SIZE;
         let dev = {
@@ -350,35 +359,30 @@ impl Fs {
             .read_at(&mut block[..tail as usize], dev.byte_offset())?;
         let copy = self.table_mut()?.alloc.allocate(1, Some(dev));
         let [copy] = copy[..] else {
-            return Ok(Tail::ZeroInPlace(
-                dev.byte_offset() + tail,
-                BLOCK_SIZE - tail,
-            ));
+            let zeros = vec![0u8; (BLOCK_SIZE - tail) as usize];
+            self.dev.write_at(&zeros, dev.byte_offset() + tail)?;
+            return Ok(Tail::Keep);
         };
         match self.dev.write_at(&block, copy.start.byte_offset()) {
             Ok(()) => Ok(Tail::Copy(copy)),
             Err(e) => {
-                self.release_tail(Tail::Copy(copy));
+                if let Ok(mut st) = self.table_mut() {
+                    Tail::Copy(copy).release(&mut st.alloc);
+                }
                 Err(e.into())
             }
         }
     }
 
-    /// Gives back a prepared tail block that was not used.
-    pub(crate) fn release_tail(&self, tail: Tail) {
-        if let (Tail::Copy(run), Ok(mut st)) = (tail, self.table_mut()) {
-            let _ = st.alloc.release(run);
-        }
-    }
-
     /// Sets the size of a regular file, freeing blocks past the new end and mapping the
-    /// prepared copy of a partial last block ([`Fs::prepare_truncate`]).
+    /// prepared copy of a partial last block ([`Fs::prepare_truncate`]); a copy it cannot
+    /// map is given back.
     pub(crate) fn truncate_locked(
         &self,
         st: &mut State,
         ino: Ino,
         size: u64,
-        tail: &Tail,
+        tail: Tail,
     ) -> Result<()> {
         let State {
             inodes,
@@ -387,31 +391,25 @@ impl Fs {
             pending_free,
             ..
         } = st;
-        let i = inodes.get_mut(&ino.0).ok_or(FsError::NotFound)?;
+        let Some(i) = inodes.get_mut(&ino.0) else {
+            tail.release(alloc);
+            return Err(FsError::NotFound);
+        };
         dirty_inodes.insert(ino.0);
         if size < i.size {
             pending_free
                 .runs
                 .extend(i.extents.remove(FileBlock(blocks_for(size)), u64::MAX));
         }
-        if let Tail::Copy(copy) = *tail {
-            let last = FileBlock(size / BLOCK_SIZE);
-            if size < i.size {
+        match tail {
+            Tail::Copy(copy) if size < i.size => {
+                let last = FileBlock(size / BLOCK_SIZE);
                 pending_free.runs.extend(i.extents.remove(last, 1));
                 map_fresh(&mut i.extents, last, &[copy], false);
-            } else {
-                let _ = alloc.release(copy);
             }
+            other => other.release(alloc),
         }
         i.size = size;
-        Ok(())
-    }
-
-    /// The device work left after a truncation is applied (see [`Tail::ZeroInPlace`]).
-    pub(crate) fn finish_truncate(&self, tail: Tail) -> Result<()> {
-        if let Tail::ZeroInPlace(at, len) = tail {
-            self.dev.write_at(&vec![0u8; len as usize], at)?;
-        }
         Ok(())
     }
 
@@ -563,10 +561,14 @@ impl Fs {
             extents,
             size,
         });
-        if wrote && exclusive {
+        // The writes are made: `r` says so whatever happens to the times (a file deleted
+        // meanwhile has none to update; a halted filesystem keeps no more changes).
+        if wrote
+            && exclusive
+            && let Ok(mut st) = self.table_mut()
+            && let Ok(i) = st.get_mut(ino)
+        {
             let now = Timestamp::now();
-            let mut st = self.table_mut()?;
-            let i = st.get_mut(ino)?;
             i.mtime = now;
             i.ctime = now;
         }

@@ -316,12 +316,13 @@ impl Fs {
         self.entry(&st, child)
     }
 
-    /// Drops `n` kernel references to `ino` (FUSE forget).
-    pub fn forget(&self, ino: Ino, n: u64) {
-        let last = {
+    /// Drops `n` kernel references to `ino` (FUSE forget). Returns whether the kernel holds
+    /// none any more (always, when references are not counted).
+    pub fn forget(&self, ino: Ino, n: u64) -> bool {
+        let (unreferenced, unlinked) = {
             let st = self.table();
             let Some(i) = st.inodes.get(&ino.0) else {
-                return;
+                return true;
             };
             let before = i
                 .refs
@@ -329,11 +330,15 @@ impl Fs {
                     Some(r.saturating_sub(n))
                 })
                 .unwrap_or(0);
-            before <= n && i.nlink == 0
+            (before <= n, i.nlink == 0)
         };
-        if last && let Ok(mut st) = self.table_mut() {
+        if unreferenced
+            && unlinked
+            && let Ok(mut st) = self.table_mut()
+        {
             st.reap(ino);
         }
+        unreferenced
     }
 
     /// Attributes of `ino`.
@@ -687,21 +692,18 @@ impl Fs {
         let _writing = crate::data::exclusive(&io);
         setattr_allowed(cr, self.table().get(ino)?, &req)?;
         let tail = self.prepare_truncate(ino, size)?;
-        let applied = self.table_mut().and_then(|mut st| {
-            let allowed = setattr_allowed(cr, st.get(ino)?, &req)?;
-            self.truncate_locked(&mut st, ino, size, &tail)?;
-            apply_setattr(&mut st, ino, &req, allowed)
-        });
-        match applied {
-            Ok(attr) => {
-                self.finish_truncate(tail)?;
-                Ok(attr)
-            }
+        let mut st = self.table_mut()?;
+        // Checked again under the lock that applies it; the prepared copy is mapped or
+        // given back under it too, whatever the outcome.
+        let allowed = match st.get(ino).and_then(|i| setattr_allowed(cr, i, &req)) {
+            Ok(allowed) => allowed,
             Err(e) => {
-                self.release_tail(tail);
-                Err(e)
+                tail.release(&mut st.alloc);
+                return Err(e);
             }
-        }
+        };
+        self.truncate_locked(&mut st, ino, size, tail)?;
+        apply_setattr(&mut st, ino, &req, allowed)
     }
 
     /// Checks that `cr` may open `ino` with `mode` and counts the open handle.

@@ -251,8 +251,8 @@ impl Filesystem for NearFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(Ino(ino.0), nlookup);
-        self.offload.forget(Ino(ino.0));
+        let evicted = self.fs.forget(Ino(ino.0), nlookup);
+        self.offload.forget(Ino(ino.0), evicted);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

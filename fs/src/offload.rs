@@ -307,12 +307,18 @@ pub struct Offload {
 /// their own (see the module comment), attribute drops are sent by the run's thread.
 struct Invalidator {
     pages: Mutex<Sender<Invalidate>>,
+    /// Jobs sent to the thread and not yet done. While there are any, every reply after a
+    /// writing run goes through the thread too, in order: a run that finds no mark on its
+    /// file may follow one whose drop of that file's pages has not happened yet.
+    queued: Arc<AtomicU64>,
     notifier: Notifier,
 }
 
-/// A reply to send once a file's pages are dropped from the kernel's page cache.
+/// A reply to send once a file's pages (or only its attributes) are dropped from the
+/// kernel's caches.
 struct Invalidate {
     ino: Ino,
+    pages: bool,
     reply: ReplyIoctl,
     bytes: Vec<u8>,
 }
@@ -329,6 +335,16 @@ impl Answer {
             bytes,
             wrote: false,
         }
+    }
+}
+
+/// Drops a file's cached attributes, and with `pages` every page of it (offset 0, length
+/// 0). Dropping pages waits for page locks (see the module comment); attributes alone
+/// (a negative offset) wait for nothing.
+fn drop_cached(n: &Notifier, ino: Ino, pages: bool) {
+    let offset = if pages { 0 } else { -1 };
+    if let Err(e) = n.inval_inode(INodeNo(ino.0), offset, 0) {
+        tracing::warn!(error = %e, pages, "cache invalidation failed");
     }
 }
 
@@ -390,20 +406,20 @@ impl Offload {
     /// replies. Without it (before the session exists) replies go out at once.
     pub fn set_notifier(&self, notifier: Notifier) -> std::io::Result<()> {
         let (tx, rx) = channel::<Invalidate>();
-        let n = notifier.clone();
+        let (n, queued) = (notifier.clone(), Arc::new(AtomicU64::new(0)));
+        let done = queued.clone();
         std::thread::Builder::new()
             .name("nearfs-invalidate".into())
             .spawn(move || {
                 for job in rx {
-                    // Offset 0, length 0: every page of the file.
-                    if let Err(e) = n.inval_inode(INodeNo(job.ino.0), 0, 0) {
-                        tracing::warn!(error = %e, "page cache invalidation failed");
-                    }
+                    drop_cached(&n, job.ino, job.pages);
                     job.reply.ioctl(0, &job.bytes);
+                    done.fetch_sub(1, Ordering::Release);
                 }
             })?;
         let _ = self.invalidator.set(Invalidator {
             pages: Mutex::new(tx),
+            queued,
             notifier,
         });
         Ok(())
@@ -429,22 +445,25 @@ impl Offload {
         let Some(inv) = self.invalidator.get().filter(|_| answer.wrote) else {
             return reply.ioctl(0, &answer.bytes);
         };
-        if self.cached.remove(&ino.0).is_none() {
-            // A negative offset drops the attributes and no page, so it waits for no page
-            // lock and may be sent from here.
-            if let Err(e) = inv.notifier.inval_inode(INodeNo(ino.0), -1, 0) {
-                tracing::warn!(error = %e, "attribute invalidation failed");
-            }
+        let pages = self.cached.remove(&ino.0).is_some();
+        if !pages && inv.queued.load(Ordering::Acquire) == 0 {
+            // Attributes only: that waits for no page lock, so it may be done from here.
+            drop_cached(&inv.notifier, ino, false);
             return reply.ioctl(0, &answer.bytes);
         }
-        self.stats.entry(ino.0).or_default().invalidations += 1;
+        if pages {
+            self.stats.entry(ino.0).or_default().invalidations += 1;
+        }
         let job = Invalidate {
             ino,
+            pages,
             reply,
             bytes: answer.bytes,
         };
+        inv.queued.fetch_add(1, Ordering::AcqRel);
         let tx = inv.pages.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            inv.queued.fetch_sub(1, Ordering::Release);
             job.reply.ioctl(0, &job.bytes);
         }
     }
@@ -497,6 +516,9 @@ impl Offload {
             Ok(Dispatch::Later(later)) => self.submit(ino, later, reply),
             Err(_) => {
                 tracing::error!(command, "an offload ioctl panicked; its caller gets EIO");
+                // A writing run may have applied some of its writes: the next one drops
+                // whatever pages the kernel holds of the file.
+                self.may_cache(ino);
                 reply.error(Errno::EIO);
             }
         }
@@ -531,8 +553,14 @@ impl Offload {
         b[outputs].fill(0);
         let version = b.u32_at(off::VERSION);
         if command == cmd::VERSION {
-            // Clients of version 1 left `version` zero; they speak 1.
-            let agreed = version.clamp(1, abi::ABI_VERSION);
+            // Clients of version 1 were told `version` is an output, and may leave anything
+            // in it: what is not a version this daemon speaks gets version 1's answer (a
+            // newer client finds the rest in `flags`).
+            let agreed = if abi::VERSIONS & 1u32.checked_shl(version).unwrap_or(0) != 0 {
+                version
+            } else {
+                1
+            };
             b.put_u32(off::VERSION, agreed);
             b.put_u32(off::FLAGS, abi::VERSIONS);
             return Dispatch::Now(Ok(Answer::plain(b)));
@@ -1107,9 +1135,13 @@ impl Offload {
     }
 
     /// The kernel forgot `ino`: if that was its end, its counters go too.
-    pub fn forget(&self, ino: Ino) {
-        // The kernel forgets an inode when it evicts it, pages and all.
-        self.cached.remove(&ino.0);
+    /// The kernel dropped references to `ino`; `evicted` when it holds none any more.
+    pub fn forget(&self, ino: Ino, evicted: bool) {
+        // An evicted inode's pages went with it. A FORGET can arrive after a new lookup
+        // and reads of the same inode, which hold a reference: then the mark stays.
+        if evicted {
+            self.cached.remove(&ino.0);
+        }
         if self.stats.contains_key(&ino.0) && self.fs.getattr(ino).is_err() {
             self.stats.remove(&ino.0);
         }
