@@ -8,12 +8,14 @@
 # Each repeat is a full cycle on a fresh file (write, read, random read, random write,
 # delete); the table shows the median of --repeat cycles (default 5) and their range.
 #
-#   scripts/bench-fs.sh [--dir /dev/shm] [--size 4G] [--file-size 1G] [--runtime 10] [--repeat 5] [--out docs/benchmarks.md]
+#   scripts/bench-fs.sh [--dir /dev/shm] [--size 4G] [--file-size 1G] [--runtime 10] [--repeat 5]
+#                       [--nearfs-options OPTS] [--out docs/benchmarks.md]
+# --nearfs-options passes `-o OPTS` to the nearfs mount (for example `direct`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-DIR=/dev/shm SIZE=4G FILE_SIZE=1G RUNTIME=10 REPEAT=5 OUT=docs/benchmarks.md
+DIR=/dev/shm SIZE=4G FILE_SIZE=1G RUNTIME=10 REPEAT=5 OUT=docs/benchmarks.md NEARFS_OPTS=
 while [ $# -gt 0 ]; do
     case $1 in
         --dir) DIR=$2; shift 2 ;;
@@ -21,6 +23,7 @@ while [ $# -gt 0 ]; do
         --file-size) FILE_SIZE=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --repeat) REPEAT=$2; shift 2 ;;
+        --nearfs-options) NEARFS_OPTS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -52,7 +55,7 @@ nearfs_dev=$(loop_for "$work/nearfs.img")
 mkfs.ext4 -q -F "$ext4_dev"
 mount "$ext4_dev" "$work/ext4"
 "$NEARFS" mkfs "$nearfs_dev" --force >/dev/null
-"$NEARFS" mount "$nearfs_dev" "$work/nearfs"
+"$NEARFS" mount "$nearfs_dev" "$work/nearfs" ${NEARFS_OPTS:+-o "$NEARFS_OPTS"}
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
@@ -95,7 +98,7 @@ PY
     done
 done
 
-BENCH_DIR=$DIR python3 - "$work/results" "$OUT" "$SIZE" "$FILE_SIZE" "$RUNTIME" "$REPEAT" <<'PY'
+BENCH_DIR=$DIR NEARFS_OPTS=$NEARFS_OPTS python3 - "$work/results" "$OUT" "$SIZE" "$FILE_SIZE" "$RUNTIME" "$REPEAT" <<'PY'
 import json, os, platform, statistics, sys, datetime
 res, out, size, fsize, runtime, repeat = sys.argv[1:]
 runs = range(1, int(repeat) + 1)
@@ -119,7 +122,8 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
 machine = (f"{os.cpu_count()} × {cpu}, {int(mem)//2**20} GiB RAM, Linux {platform.release()}; "
            f"loop devices of {size} over sparse files in {os.environ.get('BENCH_DIR', '?')}; fio psync, 1 job, file {fsize}, "
-           f"random jobs {runtime} s; median of {repeat} runs; {datetime.date.today()}")
+           f"random jobs {runtime} s; median of {repeat} runs; "
+           f"nearfs mounted with {os.environ.get('NEARFS_OPTS') or 'its defaults'}; {datetime.date.today()}")
 table = ["| workload | unit | ext4 median (range) | nearfs median (range) | nearfs / ext4 |",
          "|---|---|---:|---:|---:|"]
 def cell(v):

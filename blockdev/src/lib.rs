@@ -16,6 +16,7 @@ mod mem;
 use std::fmt::Debug;
 use std::io;
 
+pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use crash::{CrashDevice, WriteLog};
 pub use fault::{FaultMode, FaultyDevice};
 pub use file::{FileDevice, OpenOptions};

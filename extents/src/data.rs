@@ -13,6 +13,8 @@
 
 use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
+use blockdev::AlignedBuf;
+
 use crate::access::Creds;
 use crate::alloc::{Allocator, Run};
 use crate::error::{FsError, Result};
@@ -165,6 +167,22 @@ impl Tail {
 impl Fs {
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let mut buf = AlignedBuf::new(0);
+        let at = self.read_into(ino, offset, len, &mut buf)?;
+        Ok(buf[at].to_vec())
+    }
+
+    /// [`Fs::read`] into `buf`, grown as needed, returning where in it the bytes are. The
+    /// blocks they lie in are read whole into the aligned buffer, so that a device opened
+    /// with O_DIRECT reads straight into it (no bounce buffer); a caller that keeps `buf`
+    /// for its next read allocates nothing and faults no page in.
+    pub fn read_into(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+        buf: &mut AlignedBuf,
+    ) -> Result<std::ops::Range<usize>> {
         let io = self.table().io(ino)?;
         // Held across the device reads: the blocks read cannot be freed meanwhile.
         let _reading = shared(&io);
@@ -173,7 +191,7 @@ impl Fs {
             let i = st.get(ino)?;
             regular(i)?;
             if offset >= i.size {
-                return Ok(Vec::new());
+                return Ok(0..0);
             }
             let end = i.size.min(offset.saturating_add(u64::from(len)));
             let first = offset / BLOCK_SIZE;
@@ -182,17 +200,26 @@ impl Fs {
                 .segments(FileBlock(first), blocks_for(end) - first);
             (segs, end)
         };
-        let mut out = vec![0u8; (end - offset) as usize];
-        for seg in segs {
-            let Backing::Written(dev) = seg.backing else {
-                continue;
-            };
-            let (s, e) = seg_bytes(&seg);
-            let (lo, hi) = (s.max(offset), e.min(end));
-            let buf = &mut out[(lo - offset) as usize..(hi - offset) as usize];
-            self.dev.read_at(buf, dev.byte_offset() + (lo - s))?;
+        let first = offset / BLOCK_SIZE * BLOCK_SIZE;
+        let need = (blocks_for(end) * BLOCK_SIZE - first) as usize;
+        if buf.len() < need {
+            *buf = AlignedBuf::new(need);
         }
-        Ok(out)
+        // A kept buffer holds an earlier read's bytes, maybe of another file: every byte
+        // handed back is read here or zeroed here, whatever the segments cover.
+        let mut done = first;
+        for seg in segs {
+            let (s, e) = seg_bytes(&seg);
+            buf[(done - first) as usize..(s.max(done) - first) as usize].fill(0);
+            let part = &mut buf[(s - first) as usize..(e - first) as usize];
+            match seg.backing {
+                Backing::Written(dev) => self.dev.read_at(part, dev.byte_offset())?,
+                Backing::Unwritten(_) | Backing::Hole => part.fill(0),
+            }
+            done = done.max(e);
+        }
+        buf[(done - first) as usize..need].fill(0);
+        Ok((offset - first) as usize..(end - first) as usize)
     }
 
     /// Writes `data` at `offset`, allocating blocks as needed. All or nothing with

@@ -73,6 +73,34 @@ fn holes_and_regrown_tails_read_as_zeros() {
     );
 }
 
+/// The daemon keeps one buffer per thread for reads: a read into a buffer that holds
+/// another file's bytes hands back only this file's, with zeros for its holes and
+/// unwritten blocks.
+#[test]
+fn reads_into_a_kept_buffer_show_nothing_it_held_before() {
+    let (_dev, fs) = fresh(64 * MIB);
+    let secret = put(&fs, Ino::ROOT, "secret", &[0x5e; 3 * BS as usize]);
+    let f = fs.create(&root(), Ino::ROOT, b"sparse", 0o644).unwrap().ino;
+    fs.write(&root(), f, BS, &[7; 10]).unwrap();
+    fs.fallocate(f, 2 * BS, BS, 0).unwrap();
+    fs.write(&root(), f, 3 * BS + 5, &[9; 3]).unwrap();
+    let mut want = vec![0u8; 3 * BS as usize + 8];
+    want[BS as usize..BS as usize + 10].fill(7);
+    want[3 * BS as usize + 5..].fill(9);
+    let mut buf = blockdev::AlignedBuf::new(0);
+    for (off, len) in [
+        (0, 3 * BS as u32 + 8),
+        (1, 3 * BS as u32),
+        (BS + 3, 2 * BS as u32),
+    ] {
+        let at = fs.read_into(secret, 0, 3 * BS as u32, &mut buf).unwrap();
+        assert!(buf[at].iter().all(|&b| b == 0x5e));
+        let at = fs.read_into(f, off, len, &mut buf).unwrap();
+        let end = (off + u64::from(len)).min(want.len() as u64) as usize;
+        assert_eq!(&buf[at], &want[off as usize..end], "read of {len} at {off}");
+    }
+}
+
 #[test]
 fn freed_blocks_never_show_through_another_file() {
     let (dev, fs) = fresh(32 * MIB);

@@ -3,6 +3,7 @@
 //! Nothing here decides filesystem semantics; it converts types, picks credentials and
 //! open modes, and chooses errnos through [`crate::errno::errno`].
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use blockdev::AlignedBuf;
 use dashmap::DashMap;
 use extents::format::Timestamp;
 use extents::{Attr, Creds, FileKind, Fs, FsError, Ino, OpenMode, RenameFlags, SetAttr, TimeSet};
@@ -34,6 +36,12 @@ const MAX_WRITE: u32 = 1 << 20;
 /// what it makes stale), and `close` sends no FLUSH, which would have nothing to do:
 /// every write reaches the device before it is acknowledged.
 const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
+thread_local! {
+    /// Each FUSE worker's buffer for reads, kept between them: reads of up to `MAX_WRITE`
+    /// (the kernel's largest) allocate nothing and fault no page in after the first.
+    static READ_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(MAX_WRITE as usize));
+}
 
 /// An open file or directory.
 #[derive(Clone, Copy, Debug)]
@@ -448,10 +456,12 @@ impl Filesystem for NearFs {
             Err(e) => return reply.error(e),
         }
         self.offload.may_cache(Ino(ino.0));
-        match self.fs.read(Ino(ino.0), offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e)),
-        }
+        READ_BUF.with_borrow_mut(
+            |buf| match self.fs.read_into(Ino(ino.0), offset, size, buf) {
+                Ok(at) => reply.data(&buf[at]),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn write(
