@@ -37,7 +37,11 @@ work=$(mktemp -d "$DIR/nearfs-bench.XXXXXX")
 loops=()
 cleanup() {
     for m in "$work/ext4" "$work/nearfs"; do mountpoint -q "$m" && umount "$m"; done
-    for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+    # The nearfs daemon closes its device a moment after the unmount returns; a loop device
+    # detached too early stays attached, and keeps its deleted image's memory in tmpfs.
+    for l in "${loops[@]}"; do
+        for _ in $(seq 50); do losetup -d "$l" 2>/dev/null && break; sleep 0.2; done
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT

@@ -480,8 +480,20 @@ impl Loop {
 }
 
 impl Drop for Loop {
+    /// A daemon closes its device a moment after its unmount returns, and a busy loop
+    /// device refuses to detach: try for a while, or the device stays attached.
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        for _ in 0..100 {
+            let detached = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+            if detached.is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 }
 

@@ -137,14 +137,14 @@ fn call(file: &File, cmd: u32, buf: &mut [u8]) -> Result<()> {
     }
 }
 
-/// The newest ABI version the daemon and this client both speak (any version of client
-/// may ask).
+/// The ABI version the daemon agrees to: this client's, if the daemon speaks it, else 1
+/// (any version of client may ask).
 pub fn version(file: &File) -> Result<u32> {
     Ok(versions(file)?.0)
 }
 
-/// The newest ABI version both speak, and every version the daemon speaks (bit `v` for
-/// version `v`).
+/// The version the daemon agrees to (see [`version`]), and every version it speaks (bit
+/// `v` for version `v`).
 pub fn versions(file: &File) -> Result<(u32, u32)> {
     let mut b = vec![0u8; cmd::VERSION_SIZE];
     b.put_u32(off::VERSION, abi::ABI_VERSION);

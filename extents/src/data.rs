@@ -145,10 +145,11 @@ pub(crate) fn exclusive(io: &IoLock) -> RwLockWriteGuard<'_, ()> {
 }
 
 /// How a truncation treats the file's partial last block (see [`Fs::prepare_truncate`]).
+/// A copy must be mapped or given back ([`Fs::truncate_locked`], [`Tail::release`]).
 #[derive(Debug)]
+#[must_use]
 pub(crate) enum Tail {
-    /// Nothing to map: the new size is on a block boundary, in a hole, or not smaller, or
-    /// (on a full device) the tail was zeroed where it is.
+    /// Nothing to map: the new size is on a block boundary, in a hole, or not smaller.
     Keep,
     /// A fresh block holding the bytes before the new size and zeros after, to map in
     /// place of the old one.
@@ -360,9 +361,10 @@ impl Fs {
     /// The tail of a partial last block is zeroed in a copy of that block, mapped in its
     /// place by [`Fs::truncate_locked`]: zeroing it where it is would destroy committed
     /// bytes before the truncation itself is committed, and a crash in between would show
-    /// the old size with zeros inside it. Only on a full device is it zeroed in place, here,
-    /// before the truncation is applied: the other order could commit the new size before
-    /// the zeros, and a crash then would show the old bytes when the file grows again.
+    /// the old size with zeros inside it. Zeroing in place after applying it could let a
+    /// commit make the new size durable before the zeros, and a crash then show the old
+    /// bytes when the file grows again. So without a free block the truncation fails with
+    /// `NoSpace`, having changed nothing (the caller commits pending frees and retries).
     pub(crate) fn prepare_truncate(&self, ino: Ino, size: u64) -> Result<Tail> {
         let tail = size % BLOCK_SIZE;
         let dev = {
@@ -386,9 +388,7 @@ impl Fs {
             .read_at(&mut block[..tail as usize], dev.byte_offset())?;
         let copy = self.table_mut()?.alloc.allocate(1, Some(dev));
         let [copy] = copy[..] else {
-            let zeros = vec![0u8; (BLOCK_SIZE - tail) as usize];
-            self.dev.write_at(&zeros, dev.byte_offset() + tail)?;
-            return Ok(Tail::Keep);
+            return Err(FsError::NoSpace);
         };
         match self.dev.write_at(&block, copy.start.byte_offset()) {
             Ok(()) => Ok(Tail::Copy(copy)),

@@ -9,7 +9,7 @@ use crate::extent_map::ExtentMap;
 use crate::format::Superblock;
 use crate::state::{Freed, Inode, State};
 use crate::store::Snapshot;
-use crate::types::Ino;
+use crate::types::{Ino, MAX_FILE_SIZE};
 
 fn corrupt(what: String) -> FsError {
     FsError::Corrupt {
@@ -35,6 +35,9 @@ pub(crate) fn build_state(sb: &Superblock, snap: Snapshot) -> Result<State> {
                     len: e.len,
                 })
                 .map_err(|_| corrupt(format!("inode {ino} shares blocks with another inode")))?;
+        }
+        if rec.attrs.size > MAX_FILE_SIZE {
+            return Err(corrupt(format!("inode {ino} is larger than a file can be")));
         }
         if ino >= snap.next_ino {
             return Err(corrupt(format!("inode {ino} is beyond the inode counter")));

@@ -316,13 +316,20 @@ impl Fs {
         self.entry(&st, child)
     }
 
-    /// Drops `n` kernel references to `ino` (FUSE forget). Returns whether the kernel holds
-    /// none any more (always, when references are not counted).
-    pub fn forget(&self, ino: Ino, n: u64) -> bool {
+    /// Whether the kernel holds references to `ino` (never, when they are not counted).
+    pub fn referenced_by_kernel(&self, ino: Ino) -> bool {
+        self.table()
+            .inodes
+            .get(&ino.0)
+            .is_some_and(|i| i.refs.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Drops `n` kernel references to `ino` (FUSE forget).
+    pub fn forget(&self, ino: Ino, n: u64) {
         let (unreferenced, unlinked) = {
             let st = self.table();
             let Some(i) = st.inodes.get(&ino.0) else {
-                return true;
+                return;
             };
             let before = i
                 .refs
@@ -338,7 +345,6 @@ impl Fs {
         {
             st.reap(ino);
         }
-        unreferenced
     }
 
     /// Attributes of `ino`.
@@ -687,15 +693,19 @@ impl Fs {
             let allowed = setattr_allowed(cr, st.get(ino)?, &req)?;
             return apply_setattr(&mut st, ino, &req, allowed);
         };
-        // A size change: the device work is done first, with only the file held.
+        self.retry_on_space(|| self.resize(cr, ino, &req, size))
+    }
+
+    /// [`Fs::setattr`] with a size: the device work is done first, with only the file held.
+    fn resize(&self, cr: &Creds, ino: Ino, req: &SetAttr, size: u64) -> Result<Attr> {
         let io = self.table().io(ino)?;
         let _writing = crate::data::exclusive(&io);
-        setattr_allowed(cr, self.table().get(ino)?, &req)?;
+        setattr_allowed(cr, self.table().get(ino)?, req)?;
         let tail = self.prepare_truncate(ino, size)?;
         let mut st = self.table_mut()?;
         // Checked again under the lock that applies it; the prepared copy is mapped or
         // given back under it too, whatever the outcome.
-        let allowed = match st.get(ino).and_then(|i| setattr_allowed(cr, i, &req)) {
+        let allowed = match st.get(ino).and_then(|i| setattr_allowed(cr, i, req)) {
             Ok(allowed) => allowed,
             Err(e) => {
                 tail.release(&mut st.alloc);
@@ -703,7 +713,7 @@ impl Fs {
             }
         };
         self.truncate_locked(&mut st, ino, size, tail)?;
-        apply_setattr(&mut st, ino, &req, allowed)
+        apply_setattr(&mut st, ino, req, allowed)
     }
 
     /// Checks that `cr` may open `ino` with `mode` and counts the open handle.

@@ -39,8 +39,10 @@ const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlag
 
 thread_local! {
     /// Each FUSE worker's buffer for reads, kept between them: reads of up to `MAX_WRITE`
-    /// (the kernel's largest) allocate nothing and fault no page in after the first.
-    static READ_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(MAX_WRITE as usize));
+    /// (the kernel's largest), whole blocks around them, allocate nothing and fault no
+    /// page in after the first.
+    static READ_BUF: RefCell<AlignedBuf> =
+        RefCell::new(AlignedBuf::new((MAX_WRITE + extents::BLOCK_SIZE as u32) as usize));
 }
 
 /// An open file or directory.
@@ -259,8 +261,8 @@ impl Filesystem for NearFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let evicted = self.fs.forget(Ino(ino.0), nlookup);
-        self.offload.forget(Ino(ino.0), evicted);
+        self.fs.forget(Ino(ino.0), nlookup);
+        self.offload.forget(Ino(ino.0));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

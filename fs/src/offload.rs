@@ -412,8 +412,11 @@ impl Offload {
             .name("nearfs-invalidate".into())
             .spawn(move || {
                 for job in rx {
-                    drop_cached(&n, job.ino, job.pages);
-                    job.reply.ioctl(0, &job.bytes);
+                    // Counted done however it ends, or every later reply would queue.
+                    let _ = catch_unwind(AssertUnwindSafe(|| {
+                        drop_cached(&n, job.ino, job.pages);
+                        job.reply.ioctl(0, &job.bytes);
+                    }));
                     done.fetch_sub(1, Ordering::Release);
                 }
             })?;
@@ -445,8 +448,13 @@ impl Offload {
         let Some(inv) = self.invalidator.get().filter(|_| answer.wrote) else {
             return reply.ioctl(0, &answer.bytes);
         };
+        // Taking the mark, deciding and queueing are one step under the queue's lock: a
+        // reply that finds no mark and nothing queued cannot overtake a drop another reply
+        // is about to queue.
+        let tx = inv.pages.lock().unwrap_or_else(|p| p.into_inner());
         let pages = self.cached.remove(&ino.0).is_some();
         if !pages && inv.queued.load(Ordering::Acquire) == 0 {
+            drop(tx);
             // Attributes only: that waits for no page lock, so it may be done from here.
             drop_cached(&inv.notifier, ino, false);
             return reply.ioctl(0, &answer.bytes);
@@ -461,9 +469,11 @@ impl Offload {
             bytes: answer.bytes,
         };
         inv.queued.fetch_add(1, Ordering::AcqRel);
-        let tx = inv.pages.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            // The thread is gone: drop what can be dropped from here.
             inv.queued.fetch_sub(1, Ordering::Release);
+            drop(tx);
+            drop_cached(&inv.notifier, ino, false);
             job.reply.ioctl(0, &job.bytes);
         }
     }
@@ -1135,13 +1145,14 @@ impl Offload {
     }
 
     /// The kernel forgot `ino`: if that was its end, its counters go too.
-    /// The kernel dropped references to `ino`; `evicted` when it holds none any more.
-    pub fn forget(&self, ino: Ino, evicted: bool) {
+    /// The kernel dropped references to `ino`.
+    pub fn forget(&self, ino: Ino) {
         // An evicted inode's pages went with it. A FORGET can arrive after a new lookup
-        // and reads of the same inode, which hold a reference: then the mark stays.
-        if evicted {
-            self.cached.remove(&ino.0);
-        }
+        // and reads of the same inode, which hold a reference: then the mark stays. The
+        // lookup counts its reference before a read can set the mark, and the count is
+        // looked at under the mark's lock.
+        self.cached
+            .remove_if(&ino.0, |_, _| !self.fs.referenced_by_kernel(ino));
         if self.stats.contains_key(&ino.0) && self.fs.getattr(ino).is_err() {
             self.stats.remove(&ino.0);
         }
