@@ -754,49 +754,68 @@ fn a_run_the_mount_gave_up_on_cannot_land_after_its_next_request() {
     assert_eq!(counter(), after, "a run the mount gave up on landed later");
 }
 
+/// Serves every connection to `l` on a thread of its own with `f`, which ends it by
+/// returning (an error too).
+fn each_connection(
+    l: TcpListener,
+    f: impl Fn(TcpStream) -> std::io::Result<()> + Send + Sync + 'static,
+) {
+    let f = Arc::new(f);
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let _ = f(s);
+            });
+        }
+    });
+}
+
+/// A fake server's greeting (fixed newstyle), and the client's flags read.
+fn greet(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut hello = Vec::new();
+    hello.put_u64(wire::NBDMAGIC);
+    hello.put_u64(wire::IHAVEOPT);
+    hello.put_u16(3);
+    s.write_all(&hello)?;
+    wire::read_u32(s).map(drop)
+}
+
+/// The client's next option, read whole; its code.
+fn next_option(s: &mut TcpStream) -> std::io::Result<u32> {
+    wire::read_u64(s)?;
+    let o = wire::read_u32(s)?;
+    let len = wire::read_u32(s)?;
+    wire::read_vec(s, len, 1 << 20)?;
+    Ok(o)
+}
+
 /// A minimal NBD server that answers the handshake, then hands each request to `f`.
 fn hostile(f: impl Fn(&mut TcpStream, wire::Request) + Send + Sync + 'static) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let f = Arc::new(f);
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let f = f.clone();
-            std::thread::spawn(move || {
-                let _ = (|| -> std::io::Result<()> {
-                    let mut hello = Vec::new();
-                    hello.put_u64(wire::NBDMAGIC);
-                    hello.put_u64(wire::IHAVEOPT);
-                    hello.put_u16(3);
-                    s.write_all(&hello)?;
-                    wire::read_u32(&mut s)?;
-                    loop {
-                        wire::read_u64(&mut s)?;
-                        let o = wire::read_u32(&mut s)?;
-                        let len = wire::read_u32(&mut s)?;
-                        wire::read_vec(&mut s, len, 1 << 20)?;
-                        if o == opt::GO {
-                            let mut b = Vec::new();
-                            b.put_u16(0);
-                            b.put_u64(1 << 20);
-                            b.put_u16(1 | (1 << 8));
-                            wire::write_option_reply(&mut s, o, rep::INFO, &b)?;
-                            wire::write_option_reply(&mut s, o, rep::ACK, &[])?;
-                            break;
-                        }
-                        wire::write_option_reply(&mut s, o, rep::ACK, &[])?;
-                    }
-                    loop {
-                        let h = wire::read_array::<28>(&mut s)?;
-                        let r = wire::Request::decode(&h).unwrap();
-                        if r.has_payload() {
-                            wire::read_vec(&mut s, r.length, 1 << 26)?;
-                        }
-                        f(&mut s, r);
-                    }
-                })();
-            });
+    each_connection(l, move |mut s| {
+        greet(&mut s)?;
+        loop {
+            let o = next_option(&mut s)?;
+            if o == opt::GO {
+                let mut b = Vec::new();
+                b.put_u16(0);
+                b.put_u64(1 << 20);
+                b.put_u16(1 | (1 << 8));
+                wire::write_option_reply(&mut s, o, rep::INFO, &b)?;
+                wire::write_option_reply(&mut s, o, rep::ACK, &[])?;
+                break;
+            }
+            wire::write_option_reply(&mut s, o, rep::ACK, &[])?;
+        }
+        loop {
+            let h = wire::read_array::<28>(&mut s)?;
+            let r = wire::Request::decode(&h).unwrap();
+            if r.has_payload() {
+                wire::read_vec(&mut s, r.length, 1 << 26)?;
+            }
+            f(&mut s, r);
         }
     });
     addr
@@ -1022,48 +1041,27 @@ fn a_server_that_never_finishes_its_handshake_cannot_hang_a_connect() {
     let endless = TcpListener::bind("127.0.0.1:0").unwrap();
     let trickle = TcpListener::bind("127.0.0.1:0").unwrap();
     let addrs = [endless.local_addr().unwrap(), trickle.local_addr().unwrap()];
-    std::thread::spawn(move || {
-        for s in endless.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = (|| -> std::io::Result<()> {
-                    let mut hello = Vec::new();
-                    hello.put_u64(wire::NBDMAGIC);
-                    hello.put_u64(wire::IHAVEOPT);
-                    hello.put_u16(3);
-                    s.write_all(&hello)?;
-                    wire::read_u32(&mut s)?;
-                    loop {
-                        wire::read_u64(&mut s)?;
-                        let o = wire::read_u32(&mut s)?;
-                        let len = wire::read_u32(&mut s)?;
-                        wire::read_vec(&mut s, len, 1 << 20)?;
-                        if o != opt::GO {
-                            wire::write_option_reply(&mut s, o, rep::ERR_UNSUP, &[])?;
-                            continue;
-                        }
-                        let mut b = Vec::new();
-                        b.put_u16(wire::info::NAME);
-                        loop {
-                            wire::write_option_reply(&mut s, o, rep::INFO, &b)?;
-                        }
-                    }
-                })();
-            });
+    each_connection(endless, |mut s| {
+        greet(&mut s)?;
+        loop {
+            let o = next_option(&mut s)?;
+            if o != opt::GO {
+                wire::write_option_reply(&mut s, o, rep::ERR_UNSUP, &[])?;
+                continue;
+            }
+            let mut b = Vec::new();
+            b.put_u16(wire::info::NAME);
+            loop {
+                wire::write_option_reply(&mut s, o, rep::INFO, &b)?;
+            }
         }
     });
-    std::thread::spawn(move || {
-        for s in trickle.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                for b in b"NBDMAGICIHAVEOPT".iter().cycle() {
-                    std::thread::sleep(Duration::from_millis(200));
-                    if s.write_all(&[*b]).is_err() {
-                        return;
-                    }
-                }
-            });
+    each_connection(trickle, |mut s| {
+        for b in b"NBDMAGICIHAVEOPT".iter().cycle() {
+            std::thread::sleep(Duration::from_millis(200));
+            s.write_all(&[*b])?;
         }
+        Ok(())
     });
     for addr in addrs {
         let url = NbdUrl::parse(&format!("nbd://{addr}/")).unwrap().unwrap();
