@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
 done
 
 install_packages
+enable_fuse_uring
 cargo build --release --quiet
 NEARFS=$PWD/target/release/nearfs
 

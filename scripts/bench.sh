@@ -28,6 +28,7 @@ while [ $# -gt 0 ]; do
 done
 
 install_packages
+enable_fuse_uring
 cargo build --release --quiet -p nearfs -p nearfs-bench
 args=(--work "$work")
 [ -n "$only" ] && args+=(--only "$only")

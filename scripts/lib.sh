@@ -28,3 +28,14 @@ install_mount_helper() {
     $sudo ln -sf "$bin" /sbin/mount.fuse.nearfs
     $sudo ln -sf "$bin" /usr/local/bin/nearfs
 }
+
+# Lets FUSE filesystems serve requests over io_uring (Linux 6.14+; off by default in the
+# kernel). nearfs uses it when the kernel offers it (docs/fuse.md); without it, nearfs
+# serves /dev/fuse as before. A no-op on kernels without the parameter.
+enable_fuse_uring() {
+    local knob=/sys/module/fuse/parameters/enable_uring
+    [ -w "$knob" ] || return 0
+    [ "$(cat "$knob")" = Y ] && return 0
+    echo "==> enabling FUSE over io_uring ($knob)"
+    echo 1 >"$knob"
+}

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 install_packages
+enable_fuse_uring
 echo "==> building nearfs (release)"
 cargo build --release --quiet
 install_mount_helper target/release/nearfs

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 install_packages
+enable_fuse_uring
 echo "==> building, formatting and lints"
 cargo build --workspace --quiet
 cargo fmt --all -- --check

@@ -107,9 +107,43 @@ fn data_persists_across_remount_and_fsck_stays_clean() {
     );
 }
 
+/// Whether this kernel lets FUSE filesystems serve requests over io_uring.
+fn kernel_offers_uring() -> bool {
+    fs::read_to_string("/sys/module/fuse/parameters/enable_uring").is_ok_and(|v| v.trim() == "Y")
+}
+
+/// The `fuse=` word of the mount's `user.nearfs.fs`.
+fn fuse_transport(t: &TestFs) -> String {
+    let facts = String::from_utf8(getxattr(&t.mnt, "user.nearfs.fs").unwrap()).unwrap();
+    facts
+        .split(' ')
+        .find_map(|w| w.strip_prefix("fuse="))
+        .expect("user.nearfs.fs names the transport")
+        .to_string()
+}
+
 #[test]
 fn namespace_operations_follow_posix() {
-    let t = TestFs::new("64M", "");
+    // Over io_uring when the kernel offers it (and /dev/fuse otherwise), then over
+    // /dev/fuse whatever the kernel offers.
+    for (options, transport) in [
+        (
+            "",
+            if kernel_offers_uring() {
+                "io_uring"
+            } else {
+                "dev"
+            },
+        ),
+        ("nouring", "dev"),
+    ] {
+        let t = TestFs::new("64M", options);
+        assert_eq!(fuse_transport(&t), transport, "with -o {options:?}");
+        namespace_operations(&t);
+    }
+}
+
+fn namespace_operations(t: &TestFs) {
     fs::write(t.path("x"), b"x").unwrap();
     fs::hard_link(t.path("x"), t.path("y")).unwrap();
     assert_eq!(fs::metadata(t.path("x")).unwrap().nlink(), 2);

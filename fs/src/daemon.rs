@@ -1,29 +1,22 @@
 //! The FUSE adapter: turns kernel requests into calls on [`extents::Fs`].
 //!
-//! Nothing here decides filesystem semantics; it converts types, picks credentials and
-//! open modes, and chooses errnos through [`crate::errno::errno`].
+//! Nothing here decides filesystem semantics; it decodes each request's arguments
+//! ([`crate::fuse::abi`]), picks credentials and open modes, and chooses errnos through
+//! [`crate::errno::errno`].
 
 use std::cell::RefCell;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use blockdev::AlignedBuf;
 use dashmap::DashMap;
 use extents::format::Timestamp;
 use extents::{Attr, Creds, FileKind, Fs, FsError, Ino, OpenMode, RenameFlags, SetAttr, TimeSet};
-use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
-};
 
-use crate::errno::errno;
+use crate::errno::{Errno, errno};
+use crate::fuse::abi::{self, Args, Out, fattr, op};
+use crate::fuse::{Handler, InitConfig, Reply, Request};
 use crate::inspect;
 use crate::offload::{Caller, Offload, POLICY_XATTR, Policy};
 
@@ -35,7 +28,22 @@ const MAX_WRITE: u32 = 1 << 20;
 /// How files are opened: the kernel keeps their pages across opens (a writing run drops
 /// what it makes stale), and `close` sends no FLUSH, which would have nothing to do:
 /// every write reaches the device before it is acknowledged.
-const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+const FILE_OPEN_FLAGS: u32 = abi::FOPEN_KEEP_CACHE | abi::FOPEN_NOFLUSH;
+
+/// What the daemon asks of the kernel at INIT: requests of up to 1 MiB, readdirplus,
+/// lookups and creates in one directory at once, and io_uring queues when offered.
+pub const INIT: InitConfig = InitConfig {
+    max_write: MAX_WRITE,
+    max_readahead: MAX_WRITE,
+    flags: abi::init::ASYNC_READ
+        | abi::init::BIG_WRITES
+        | abi::init::MAX_PAGES
+        | abi::init::DO_READDIRPLUS
+        | abi::init::READDIRPLUS_AUTO
+        | abi::init::PARALLEL_DIROPS
+        | abi::init::OVER_IO_URING,
+    uring: true,
+};
 
 thread_local! {
     /// Each FUSE worker's buffer for reads, kept between them: reads of up to `MAX_WRITE`
@@ -52,72 +60,44 @@ struct Handle {
     mode: OpenMode,
 }
 
-/// The filesystem as fuser sees it.
+/// The filesystem as the kernel sees it.
 #[derive(Debug)]
 pub struct NearFs {
     fs: Arc<Fs>,
     offload: Arc<Offload>,
     handles: DashMap<u64, Handle>,
     next_handle: AtomicU64,
+    /// How requests arrive (`io_uring` or `dev`), for `user.nearfs.fs`.
+    transport: &'static str,
 }
 
-fn ts_to_system(t: Timestamp) -> SystemTime {
-    let nanos = Duration::new(t.secs.unsigned_abs(), 0);
-    let base = if t.secs >= 0 {
-        UNIX_EPOCH + nanos
-    } else {
-        UNIX_EPOCH - nanos
-    };
-    base + Duration::from_nanos(u64::from(t.nanos))
-}
-
-fn system_to_ts(t: SystemTime) -> Timestamp {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timestamp {
-            secs: d.as_secs() as i64,
-            nanos: d.subsec_nanos(),
-        },
-        Err(e) => {
-            let d = e.duration();
-            let (secs, nanos) = if d.subsec_nanos() == 0 {
-                (-(d.as_secs() as i64), 0)
-            } else {
-                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
-            };
-            Timestamp { secs, nanos }
-        }
-    }
-}
-
-fn file_type(k: FileKind) -> FileType {
+fn type_bits(k: FileKind) -> u32 {
     match k {
-        FileKind::Directory => FileType::Directory,
-        FileKind::RegularFile => FileType::RegularFile,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::NamedPipe => FileType::NamedPipe,
-        FileKind::Socket => FileType::Socket,
-        FileKind::CharDevice => FileType::CharDevice,
-        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Directory => libc::S_IFDIR,
+        FileKind::RegularFile => libc::S_IFREG,
+        FileKind::Symlink => libc::S_IFLNK,
+        FileKind::NamedPipe => libc::S_IFIFO,
+        FileKind::Socket => libc::S_IFSOCK,
+        FileKind::CharDevice => libc::S_IFCHR,
+        FileKind::BlockDevice => libc::S_IFBLK,
     }
 }
 
-fn fuse_attr(a: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(a.ino.0),
+fn fuse_attr(a: &Attr) -> abi::Attr {
+    let t = |t: Timestamp| (t.secs, t.nanos);
+    abi::Attr {
+        ino: a.ino.0,
         size: a.size,
         blocks: a.blocks,
-        atime: ts_to_system(a.atime),
-        mtime: ts_to_system(a.mtime),
-        ctime: ts_to_system(a.ctime),
-        crtime: ts_to_system(a.crtime),
-        kind: file_type(a.kind),
-        perm: a.perm,
+        atime: t(a.atime),
+        mtime: t(a.mtime),
+        ctime: t(a.ctime),
+        mode: type_bits(a.kind) | u32::from(a.perm),
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
         blksize: extents::BLOCK_SIZE as u32,
-        flags: 0,
     }
 }
 
@@ -139,73 +119,113 @@ fn groups_of(pid: u32) -> Vec<u32> {
 
 /// Credentials of the process behind a request.
 fn creds(req: &Request) -> Creds {
-    let (uid, gid) = (req.uid(), req.gid());
+    let (uid, gid) = (req.header.uid, req.header.gid);
     // Root passes every check that groups could decide, so skip reading /proc for it.
     let groups = if uid == 0 {
         Vec::new()
     } else {
-        groups_of(req.pid())
+        groups_of(req.header.pid)
     };
     Creds { uid, gid, groups }
 }
 
-fn entry(reply: ReplyEntry, r: extents::Result<Attr>) {
+fn entry(reply: Reply, r: extents::Result<Attr>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(a.generation)),
+        Ok(a) => reply.data(&[&Out::default().entry(&fuse_attr(&a), a.generation, TTL).0]),
         Err(e) => reply.error(errno(&e)),
     }
 }
 
-fn empty(reply: ReplyEmpty, r: extents::Result<()>) {
+fn attr(reply: Reply, r: extents::Result<Attr>) {
+    match r {
+        Ok(a) => reply.data(&[&Out::default().attr_out(&fuse_attr(&a), TTL).0]),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn empty(reply: Reply, r: extents::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(&e)),
     }
 }
 
-fn time_set(t: TimeOrNow) -> TimeSet {
-    match t {
-        TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(t) => TimeSet::At(system_to_ts(t)),
-    }
-}
-
-fn open_mode(flags: OpenFlags) -> OpenMode {
-    match flags.acc_mode() {
-        OpenAccMode::O_RDONLY => OpenMode {
-            read: true,
-            write: false,
-        },
-        OpenAccMode::O_WRONLY => OpenMode {
+fn open_mode(flags: u32) -> OpenMode {
+    match flags as i32 & libc::O_ACCMODE {
+        libc::O_WRONLY => OpenMode {
             read: false,
             write: true,
         },
-        OpenAccMode::O_RDWR => OpenMode {
+        libc::O_RDWR => OpenMode {
             read: true,
             write: true,
+        },
+        _ => OpenMode {
+            read: true,
+            write: false,
         },
     }
 }
 
+/// A time from a setattr request: `now` if its NOW bit is set, the given one if its own
+/// bit is, else none.
+fn time_set(valid: u32, set: u32, now: u32, secs: u64, nanos: u32) -> Option<TimeSet> {
+    if valid & now != 0 {
+        Some(TimeSet::Now)
+    } else if valid & set != 0 {
+        Some(TimeSet::At(Timestamp {
+            secs: secs as i64,
+            nanos,
+        }))
+    } else {
+        None
+    }
+}
+
+/// Decodes a request's arguments with `$e` (which may use `?` on each field); a request
+/// without them is malformed and answered EINVAL.
+macro_rules! args {
+    ($reply:expr, $e:expr) => {
+        match decode(|| $e) {
+            Some(v) => v,
+            None => return $reply.error(Errno::EINVAL),
+        }
+    };
+}
+
+/// Runs a decoder (a closure, so that it may use `?`).
+fn decode<T>(f: impl FnOnce() -> Option<T>) -> Option<T> {
+    f()
+}
+
 impl NearFs {
-    pub fn new(fs: Arc<Fs>, offload: Arc<Offload>) -> Self {
+    pub fn new(fs: Arc<Fs>, offload: Arc<Offload>, over_uring: bool) -> Self {
         Self {
             fs,
             offload,
             handles: DashMap::new(),
             next_handle: AtomicU64::new(1),
+            transport: if over_uring { "io_uring" } else { "dev" },
         }
     }
 
-    fn add_handle(&self, ino: Ino, mode: OpenMode) -> FileHandle {
+    fn add_handle(&self, ino: Ino, mode: OpenMode) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.insert(fh, Handle { ino, mode });
-        FileHandle(fh)
+        fh
     }
 
-    fn handle(&self, fh: FileHandle, ino: INodeNo) -> Result<Handle, Errno> {
-        match self.handles.get(&fh.0) {
-            Some(h) if h.ino.0 == ino.0 => Ok(*h),
+    fn handle(&self, fh: u64, ino: Ino) -> Result<Handle, Errno> {
+        match self.handles.get(&fh) {
+            Some(h) if h.ino == ino => Ok(*h),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    /// The handle `fh` of `ino`, if it was opened for writing.
+    fn writable(&self, fh: u64, ino: Ino) -> Result<Handle, Errno> {
+        match self.handle(fh, ino)? {
+            h if h.mode.write => Ok(h),
             _ => Err(Errno::EBADF),
         }
     }
@@ -234,422 +254,174 @@ impl NearFs {
     fn kind_of(&self, ino: Ino) -> extents::Result<FileKind> {
         self.fs.getattr(ino).map(|a| a.kind)
     }
-}
 
-impl Filesystem for NearFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(MAX_WRITE);
-        let _ = config.set_max_readahead(MAX_WRITE);
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS;
-        let _ = config.add_capabilities(wanted & config.capabilities());
-        Ok(())
+    fn forget(&self, ino: Ino, nlookup: u64) {
+        self.fs.forget(ino, nlookup);
+        self.offload.forget(ino);
     }
 
-    fn destroy(&mut self) {
-        if let Err(e) = self.fs.commit() {
-            tracing::error!(error = %e, "final commit failed");
-        }
-    }
-
-    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(
-            reply,
-            self.fs.lookup(&creds(req), Ino(parent.0), name.as_bytes()),
-        );
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(Ino(ino.0), nlookup);
-        self.offload.forget(Ino(ino.0));
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(Ino(ino.0)) {
-            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let via_handle = match fh.map(|fh| self.handle(fh, ino)) {
-            Some(Ok(h)) => {
-                if size.is_some() && !h.mode.write {
-                    return reply.error(Errno::EBADF);
-                }
-                true
+    fn setattr(&self, req: &Request, ino: Ino, mut a: Args, reply: Reply) {
+        let (fh, mut set) = args!(reply, {
+            let valid = a.u32()?;
+            a.skip(4)?;
+            let (fh, size) = (a.u64()?, a.u64()?);
+            a.skip(8)?; // lock_owner
+            let (atime, mtime, ctime) = (a.u64()?, a.u64()?, a.u64()?);
+            let (atime_ns, mtime_ns, ctime_ns) = (a.u32()?, a.u32()?, a.u32()?);
+            let mode = a.u32()?;
+            a.skip(4)?;
+            let (uid, gid) = (a.u32()?, a.u32()?);
+            let has = |bit: u32| valid & bit != 0;
+            let set = SetAttr {
+                mode: has(fattr::MODE).then_some(mode),
+                uid: has(fattr::UID).then_some(uid),
+                gid: has(fattr::GID).then_some(gid),
+                size: has(fattr::SIZE).then_some(size),
+                atime: time_set(valid, fattr::ATIME, fattr::ATIME_NOW, atime, atime_ns),
+                mtime: time_set(valid, fattr::MTIME, fattr::MTIME_NOW, mtime, mtime_ns),
+                ctime: has(fattr::CTIME).then_some(Timestamp {
+                    secs: ctime as i64,
+                    nanos: ctime_ns,
+                }),
+                via_handle: false,
+            };
+            Some((has(fattr::FH).then_some(fh), set))
+        });
+        if let Some(fh) = fh {
+            match self.handle(fh, ino) {
+                Ok(h) if set.size.is_some() && !h.mode.write => return reply.error(Errno::EBADF),
+                Ok(_) => set.via_handle = true,
+                Err(e) => return reply.error(e),
             }
-            Some(Err(e)) => return reply.error(e),
-            None => false,
-        };
-        let req_attr = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: atime.map(time_set),
-            mtime: mtime.map(time_set),
-            ctime: ctime.map(system_to_ts),
-            via_handle,
-        };
-        match self.fs.setattr(&creds(req), Ino(ino.0), req_attr) {
-            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
         }
+        attr(reply, self.fs.setattr(&creds(req), ino, set));
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(Ino(ino.0)) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        entry(
-            reply,
-            self.fs
-                .mknod(&creds(req), Ino(parent.0), name.as_bytes(), mode, rdev),
-        );
-    }
-
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        entry(
-            reply,
-            self.fs
-                .mkdir(&creds(req), Ino(parent.0), name.as_bytes(), mode),
-        );
-    }
-
-    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            reply,
-            self.fs.unlink(&creds(req), Ino(parent.0), name.as_bytes()),
-        );
-    }
-
-    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            reply,
-            self.fs.rmdir(&creds(req), Ino(parent.0), name.as_bytes()),
-        );
-    }
-
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        let target = target.as_os_str().as_bytes();
-        entry(
-            reply,
-            self.fs
-                .symlink(&creds(req), Ino(parent.0), link_name.as_bytes(), target),
-        );
-    }
-
-    fn rename(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        if flags.contains(fuser::RenameFlags::RENAME_WHITEOUT) {
-            return reply.error(Errno::EINVAL);
-        }
-        let flags = RenameFlags {
-            noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
-            exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
-        };
-        let r = self.fs.rename(
-            &creds(req),
-            Ino(parent.0),
-            name.as_bytes(),
-            Ino(newparent.0),
-            newname.as_bytes(),
-            flags,
-        );
-        empty(reply, r);
-    }
-
-    fn link(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        entry(
-            reply,
-            self.fs.link(
-                &creds(req),
-                Ino(ino.0),
-                Ino(newparent.0),
-                newname.as_bytes(),
-            ),
-        );
-    }
-
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let mode = open_mode(flags);
-        match self.fs.open(&creds(req), Ino(ino.0), mode) {
-            Ok(_) => reply.opened(self.add_handle(Ino(ino.0), mode), FILE_OPEN_FLAGS),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read(&self, ino: Ino, mut a: Args, reply: Reply) {
+        let (fh, offset, size) = args!(reply, Some((a.u64()?, a.u64()?, a.u32()?)));
         match self.handle(fh, ino) {
             Ok(h) if h.mode.read => {}
             Ok(_) => return reply.error(Errno::EBADF),
             Err(e) => return reply.error(e),
         }
-        self.offload.may_cache(Ino(ino.0));
-        READ_BUF.with_borrow_mut(
-            |buf| match self.fs.read_into(Ino(ino.0), offset, size, buf) {
-                Ok(at) => reply.data(&buf[at]),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.offload.may_cache(ino);
+        READ_BUF.with_borrow_mut(|buf| match self.fs.read_into(ino, offset, size, buf) {
+            Ok(at) => reply.data(&[&buf[at]]),
+            Err(e) => reply.error(errno(&e)),
+        });
     }
 
-    fn write(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        match self.handle(fh, ino) {
-            Ok(h) if h.mode.write => {}
-            Ok(_) => return reply.error(Errno::EBADF),
-            Err(e) => return reply.error(e),
+    fn write(&self, req: &Request, ino: Ino, mut a: Args, reply: Reply) {
+        let (fh, offset, data) = args!(reply, {
+            let (fh, offset, size) = (a.u64()?, a.u64()?, a.u32()?);
+            a.skip(20)?; // write_flags, lock_owner, flags, padding
+            Some((fh, offset, a.bytes(size as usize)?))
+        });
+        if let Err(e) = self.writable(fh, ino) {
+            return reply.error(e);
         }
         // Only "is it root" matters for a write (clearing set-user-ID); skip /proc.
-        let cr = Creds::user(req.uid(), req.gid());
-        self.offload.may_cache(Ino(ino.0));
-        match self.fs.write(&cr, Ino(ino.0), offset, data) {
-            Ok(n) => reply.written(n as u32),
+        let cr = Creds::user(req.header.uid, req.header.gid);
+        self.offload.may_cache(ino);
+        match self.fs.write(&cr, ino, offset, data) {
+            Ok(n) => reply.data(&[&Out::default().u32(n as u32).u32(0).0]),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        // Writes reach the device before they are acknowledged; nothing is buffered here.
-        reply.ok();
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        if self.handles.remove(&fh.0).is_some() {
-            self.fs.release(Ino(ino.0));
+    fn create(&self, req: &Request, parent: Ino, mut a: Args, reply: Reply) {
+        let (flags, mode, name) = args!(reply, {
+            let (flags, mode) = (a.u32()?, a.u32()?);
+            a.skip(8)?; // umask (the kernel applied it), open_flags
+            Some((flags, mode, a.name()?))
+        });
+        let open = open_mode(flags);
+        if open.write && self.fs.is_read_only() {
+            return reply.error(Errno::EROFS);
         }
-        reply.ok();
-    }
-
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        empty(reply, self.fs.fsync(Ino(ino.0)));
-    }
-
-    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(&creds(req), Ino(ino.0)) {
-            Ok(()) => {
-                let fh = self.add_handle(
-                    Ino(ino.0),
-                    OpenMode {
-                        read: true,
-                        write: false,
-                    },
-                );
-                reply.opened(fh, FopenFlags::empty());
+        match self.fs.create(&creds(req), parent, name, mode) {
+            Ok(at) => {
+                let fh = self.add_handle(at.ino, open);
+                let mut o = Out::with_capacity(144);
+                o.entry(&fuse_attr(&at), at.generation, TTL)
+                    .open(fh, FILE_OPEN_FLAGS);
+                reply.data(&[&o.0]);
             }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(
+    fn rename(
         &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
+        req: &Request,
+        parent: Ino,
+        newdir: Ino,
+        flags: u32,
+        mut a: Args,
+        reply: Reply,
     ) {
-        let r = self.each_entry(Ino(ino.0), offset, |e| {
-            reply.add(
-                INodeNo(e.ino.0),
-                e.next,
-                file_type(e.kind),
-                OsStr::from_bytes(&e.name),
-            )
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        if flags & abi::RENAME_WHITEOUT != 0 {
+            return reply.error(Errno::EINVAL);
         }
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let r = self.each_entry(Ino(ino.0), offset, |e| {
-            // An entry removed since the listing began is skipped.
-            let Ok(attr) = self.fs.getattr(e.ino) else {
-                return false;
-            };
-            let name = OsStr::from_bytes(&e.name);
-            let generation = Generation(attr.generation);
-            let full = reply.add(
-                INodeNo(e.ino.0),
-                e.next,
-                name,
-                &TTL,
-                &fuse_attr(&attr),
-                generation,
-            );
-            // Entries other than "." and ".." count as lookups, but only once they fit.
-            if !full && e.name != b"." && e.name != b".." {
-                self.fs.remember(e.ino);
-            }
-            full
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.handles.remove(&fh.0);
-        reply.ok();
-    }
-
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        empty(reply, self.fs.commit());
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.fs.statfs();
-        reply.statfs(
-            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        let flags = RenameFlags {
+            noreplace: flags & abi::RENAME_NOREPLACE != 0,
+            exchange: flags & abi::RENAME_EXCHANGE != 0,
+        };
+        let (name, newname) = args!(reply, Some((a.name()?, a.name()?)));
+        empty(
+            reply,
+            self.fs
+                .rename(&creds(req), parent, name, newdir, newname, flags),
         );
     }
 
-    fn setxattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        position: u32,
-        reply: ReplyEmpty,
-    ) {
-        if position != 0 {
-            return reply.error(Errno::EINVAL);
+    fn readdir(&self, ino: Ino, mut a: Args, plus: bool, reply: Reply) {
+        let (_fh, offset, size) = args!(reply, Some((a.u64()?, a.u64()?, a.u32()?)));
+        let mut out = Out::with_capacity(size as usize);
+        let r = self.each_entry(ino, offset, |e| {
+            let kind = abi::dirent_type(type_bits(e.kind));
+            if !plus {
+                if out.0.len() + abi::dirent_size(e.name.len()) > size as usize {
+                    return true;
+                }
+                out.u64(e.ino.0)
+                    .u64(e.next)
+                    .u32(e.name.len() as u32)
+                    .u32(kind);
+                out.bytes(&e.name).align8();
+                return false;
+            }
+            // An entry removed since the listing began is skipped.
+            let Ok(at) = self.fs.getattr(e.ino) else {
+                return false;
+            };
+            if out.0.len() + abi::direntplus_size(e.name.len()) > size as usize {
+                return true;
+            }
+            out.entry(&fuse_attr(&at), at.generation, TTL);
+            out.u64(e.ino.0)
+                .u64(e.next)
+                .u32(e.name.len() as u32)
+                .u32(kind);
+            out.bytes(&e.name).align8();
+            // Entries other than "." and ".." count as lookups, but only once they fit.
+            if e.name != b"." && e.name != b".." {
+                self.fs.remember(e.ino);
+            }
+            false
+        });
+        match r {
+            Ok(()) => reply.data(&[&out.0]),
+            Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn setxattr(&self, req: &Request, ino: Ino, mut a: Args, reply: Reply) {
+        let (size, flags) = args!(reply, Some((a.u32()?, a.u32()?)));
+        let (name, value) = args!(reply, Some((a.name()?, a.bytes(size as usize)?)));
         // The owner's offload policy is one of its words, or it would not mean one thing
         // to everyone who reads it.
-        if name.as_bytes() == POLICY_XATTR
+        if name == POLICY_XATTR
             && std::str::from_utf8(value)
                 .ok()
                 .and_then(Policy::parse)
@@ -657,37 +429,38 @@ impl Filesystem for NearFs {
         {
             return reply.error(Errno::EINVAL);
         }
-        let r = self.fs.setxattr(
-            &creds(req),
-            Ino(ino.0),
-            name.as_bytes(),
-            value,
-            flags as u32,
+        empty(
+            reply,
+            self.fs.setxattr(&creds(req), ino, name, value, flags),
         );
-        empty(reply, r);
     }
 
-    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let ino = Ino(ino.0);
-        let value = match self.kind_of(ino) {
-            Err(e) => Err(e),
-            Ok(kind) => match inspect::view(
+    fn getxattr(&self, req: &Request, ino: Ino, mut a: Args, reply: Reply) {
+        let (size, name) = args!(reply, {
+            let size = a.u32()?;
+            a.skip(4)?;
+            Some((size, a.name()?))
+        });
+        let value = self.kind_of(ino).and_then(|kind| {
+            let cr = creds(req);
+            match inspect::view(
                 &self.fs,
                 &self.offload,
-                &creds(req),
+                self.transport,
+                &cr,
                 ino,
                 kind,
-                name.as_bytes(),
+                name,
             ) {
                 Some(v) => v,
-                None => self.fs.getxattr(&creds(req), ino, name.as_bytes()),
-            },
-        };
+                None => self.fs.getxattr(&cr, ino, name),
+            }
+        });
         xattr_reply(reply, value, size);
     }
 
-    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let ino = Ino(ino.0);
+    fn listxattr(&self, req: &Request, ino: Ino, mut a: Args, reply: Reply) {
+        let size = args!(reply, a.u32());
         let names = self.kind_of(ino).and_then(|kind| {
             let mut out = Vec::new();
             for n in inspect::names_for(ino, kind) {
@@ -703,85 +476,17 @@ impl Filesystem for NearFs {
         xattr_reply(reply, names, size);
     }
 
-    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            reply,
-            self.fs
-                .removexattr(&creds(req), Ino(ino.0), name.as_bytes()),
-        );
-    }
-
-    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        empty(
-            reply,
-            self.fs.access(&creds(req), Ino(ino.0), mask.bits() as u32),
-        );
-    }
-
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
-        let open = open_mode(OpenFlags(flags));
-        if open.write && self.fs.is_read_only() {
-            return reply.error(Errno::EROFS);
+    fn ioctl(&self, req: &Request, ino: Ino, mut a: Args, reply: Reply) {
+        let (fh, flags, cmd, in_size, out_size) = args!(reply, {
+            let (fh, flags, cmd) = (a.u64()?, a.u32()?, a.u32()?);
+            a.skip(8)?; // arg: the caller's pointer
+            Some((fh, flags, cmd, a.u32()?, a.u32()?))
+        });
+        // Only CUSE sends unrestricted ioctls; nearfs's are all restricted.
+        if flags & abi::IOCTL_UNRESTRICTED != 0 {
+            return reply.error(Errno::ENOSYS);
         }
-        match self
-            .fs
-            .create(&creds(req), Ino(parent.0), name.as_bytes(), mode)
-        {
-            Ok(a) => {
-                let fh = self.add_handle(a.ino, open);
-                reply.created(
-                    &TTL,
-                    &fuse_attr(&a),
-                    Generation(a.generation),
-                    fh,
-                    FILE_OPEN_FLAGS,
-                );
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        match self.handle(fh, ino) {
-            Ok(h) if h.mode.write => {}
-            Ok(_) => return reply.error(Errno::EBADF),
-            Err(e) => return reply.error(e),
-        }
-        empty(
-            reply,
-            self.fs.fallocate(Ino(ino.0), offset, length, mode as u32),
-        );
-    }
-
-    fn ioctl(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: IoctlFlags,
-        cmd: u32,
-        in_data: &[u8],
-        out_size: u32,
-        reply: ReplyIoctl,
-    ) {
+        let input = args!(reply, a.bytes(in_size as usize));
         let h = match self.handle(fh, ino) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -796,35 +501,189 @@ impl Filesystem for NearFs {
             kind,
             mode: h.mode,
         };
-        self.offload.ioctl(caller, cmd, in_data, out_size, reply);
+        self.offload.ioctl(caller, cmd, input, out_size, reply);
     }
+}
 
-    fn lseek(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        let Ok(offset) = u64::try_from(offset) else {
-            return reply.error(Errno::EINVAL);
-        };
-        match self.fs.lseek(Ino(ino.0), offset, whence as u32) {
-            Ok(pos) => reply.offset(pos as i64),
-            Err(FsError::Invalid(_)) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(errno(&e)),
+impl Handler for NearFs {
+    fn handle(&self, req: Request<'_>, reply: Reply) {
+        let ino = Ino(req.header.nodeid);
+        let mut a = req.args;
+        match req.header.opcode {
+            op::LOOKUP => {
+                let name = args!(reply, a.name());
+                entry(reply, self.fs.lookup(&creds(&req), ino, name));
+            }
+            op::FORGET => {
+                if let Some(n) = a.u64() {
+                    self.forget(ino, n);
+                }
+            }
+            op::BATCH_FORGET => {
+                let count = a.u32().unwrap_or(0);
+                let _ = a.skip(4);
+                for _ in 0..count {
+                    let (Some(ino), Some(n)) = (a.u64(), a.u64()) else {
+                        break;
+                    };
+                    self.forget(Ino(ino), n);
+                }
+            }
+            op::GETATTR => attr(reply, self.fs.getattr(ino)),
+            op::SETATTR => self.setattr(&req, ino, a, reply),
+            op::READLINK => match self.fs.readlink(ino) {
+                Ok(t) => reply.data(&[&t]),
+                Err(e) => reply.error(errno(&e)),
+            },
+            op::SYMLINK => {
+                let (name, target) = args!(reply, Some((a.name()?, a.name()?)));
+                entry(reply, self.fs.symlink(&creds(&req), ino, name, target));
+            }
+            op::MKNOD => {
+                let (mode, rdev, name) = args!(reply, {
+                    let (mode, rdev) = (a.u32()?, a.u32()?);
+                    a.skip(8)?; // umask (the kernel applied it), padding
+                    Some((mode, rdev, a.name()?))
+                });
+                entry(reply, self.fs.mknod(&creds(&req), ino, name, mode, rdev));
+            }
+            op::MKDIR => {
+                let (mode, name) = args!(reply, {
+                    let mode = a.u32()?;
+                    a.skip(4)?; // umask
+                    Some((mode, a.name()?))
+                });
+                entry(reply, self.fs.mkdir(&creds(&req), ino, name, mode));
+            }
+            op::UNLINK => {
+                let name = args!(reply, a.name());
+                empty(reply, self.fs.unlink(&creds(&req), ino, name));
+            }
+            op::RMDIR => {
+                let name = args!(reply, a.name());
+                empty(reply, self.fs.rmdir(&creds(&req), ino, name));
+            }
+            op::RENAME => {
+                let newdir = args!(reply, a.u64());
+                self.rename(&req, ino, Ino(newdir), 0, a, reply);
+            }
+            op::RENAME2 => {
+                let (newdir, flags) = args!(reply, {
+                    let v = (a.u64()?, a.u32()?);
+                    a.skip(4)?;
+                    Some(v)
+                });
+                self.rename(&req, ino, Ino(newdir), flags, a, reply);
+            }
+            op::LINK => {
+                let (old, name) = args!(reply, Some((a.u64()?, a.name()?)));
+                entry(reply, self.fs.link(&creds(&req), Ino(old), ino, name));
+            }
+            op::OPEN => {
+                let mode = open_mode(args!(reply, a.u32()));
+                match self.fs.open(&creds(&req), ino, mode) {
+                    Ok(_) => {
+                        let fh = self.add_handle(ino, mode);
+                        reply.data(&[&Out::default().open(fh, FILE_OPEN_FLAGS).0]);
+                    }
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
+            op::READ => self.read(ino, a, reply),
+            op::WRITE => self.write(&req, ino, a, reply),
+            op::STATFS => {
+                let s = self.fs.statfs();
+                let mut o = Out::with_capacity(80);
+                o.u64(s.blocks)
+                    .u64(s.bfree)
+                    .u64(s.bavail)
+                    .u64(s.files)
+                    .u64(s.ffree);
+                o.u32(s.bsize).u32(s.namelen).u32(s.bsize).zeros(28);
+                reply.data(&[&o.0]);
+            }
+            op::RELEASE => {
+                let fh = args!(reply, a.u64());
+                if self.handles.remove(&fh).is_some() {
+                    self.fs.release(ino);
+                }
+                reply.ok();
+            }
+            op::RELEASEDIR => {
+                let fh = args!(reply, a.u64());
+                self.handles.remove(&fh);
+                reply.ok();
+            }
+            op::FSYNC => empty(reply, self.fs.fsync(ino)),
+            op::FSYNCDIR => empty(reply, self.fs.commit()),
+            // Writes reach the device before they are acknowledged; nothing is buffered here.
+            op::FLUSH => reply.ok(),
+            op::SETXATTR => self.setxattr(&req, ino, a, reply),
+            op::GETXATTR => self.getxattr(&req, ino, a, reply),
+            op::LISTXATTR => self.listxattr(&req, ino, a, reply),
+            op::REMOVEXATTR => {
+                let name = args!(reply, a.name());
+                empty(reply, self.fs.removexattr(&creds(&req), ino, name));
+            }
+            op::OPENDIR => match self.fs.opendir(&creds(&req), ino) {
+                Ok(()) => {
+                    let read_only = OpenMode {
+                        read: true,
+                        write: false,
+                    };
+                    let fh = self.add_handle(ino, read_only);
+                    reply.data(&[&Out::default().open(fh, 0).0]);
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+            op::READDIR => self.readdir(ino, a, false, reply),
+            op::READDIRPLUS => self.readdir(ino, a, true, reply),
+            op::ACCESS => {
+                let mask = args!(reply, a.u32());
+                empty(reply, self.fs.access(&creds(&req), ino, mask));
+            }
+            op::CREATE => self.create(&req, ino, a, reply),
+            op::FALLOCATE => {
+                let (fh, offset, len, mode) =
+                    args!(reply, Some((a.u64()?, a.u64()?, a.u64()?, a.u32()?)));
+                if let Err(e) = self.writable(fh, ino) {
+                    return reply.error(e);
+                }
+                empty(reply, self.fs.fallocate(ino, offset, len, mode));
+            }
+            op::IOCTL => self.ioctl(&req, ino, a, reply),
+            op::LSEEK => {
+                let (offset, whence) = args!(reply, {
+                    a.skip(8)?; // fh
+                    Some((a.u64()?, a.u32()?))
+                });
+                if (offset as i64) < 0 {
+                    return reply.error(Errno::EINVAL);
+                }
+                match self.fs.lseek(ino, offset, whence) {
+                    Ok(pos) => reply.data(&[&pos.to_le_bytes()]),
+                    Err(FsError::Invalid(_)) => reply.error(Errno::EINVAL),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
+            op::DESTROY => {
+                if let Err(e) = self.fs.commit() {
+                    tracing::error!(error = %e, "final commit failed");
+                }
+                reply.ok();
+            }
+            op::INTERRUPT => {}
+            _ => reply.error(Errno::ENOSYS),
         }
     }
 }
 
 /// Answers a getxattr/listxattr: the size when asked for it, ERANGE when it does not fit.
-fn xattr_reply(reply: ReplyXattr, value: extents::Result<Vec<u8>>, size: u32) {
+fn xattr_reply(reply: Reply, value: extents::Result<Vec<u8>>, size: u32) {
     match value {
         Err(e) => reply.error(errno(&e)),
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if size == 0 => reply.data(&[&Out::default().u32(v.len() as u32).u32(0).0]),
         Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(v) => reply.data(&v),
+        Ok(v) => reply.data(&[&v]),
     }
 }

@@ -8,8 +8,9 @@
 //!   empty for a file without blocks.
 //! - `user.nearfs.stats` (regular files): offload counters since mount: `runs failures
 //!   hops device_bytes bytes_returned insns run_ns`.
-//! - `user.nearfs.fs` (root directory): filesystem facts, then the mount's offload
-//!   settings (policy, per-user limits, workers) and what users hold.
+//! - `user.nearfs.fs` (root directory): filesystem facts, how FUSE requests arrive
+//!   (`fuse=io_uring` or `fuse=dev`), then the mount's offload settings (policy,
+//!   per-user limits, workers) and what users hold.
 //! - `user.nearfs.programs` (root directory): the loaded programs, separated by `; `, each
 //!   `id name owner insns max_insns verify_states load_us compile_us bytes` (load_us: reading,
 //!   verifying and compiling; bytes: what the program holds, charged to its owner).
@@ -47,6 +48,7 @@ pub fn names_for(ino: Ino, kind: FileKind) -> Vec<&'static str> {
 pub fn view(
     fs: &Fs,
     offload: &Offload,
+    transport: &str,
     creds: &Creds,
     ino: Ino,
     kind: FileKind,
@@ -63,7 +65,7 @@ pub fn view(
         n if n == EXTENTS.as_bytes() => extents_view(fs, ino),
         n if n == STATS.as_bytes() => Ok(offload.file_stats(ino).into_bytes()),
         n if n == PROGRAMS.as_bytes() => Ok(offload.programs().into_bytes()),
-        _ => Ok(fs_view(fs, offload)),
+        _ => Ok(fs_view(fs, offload, transport)),
     })
 }
 
@@ -84,9 +86,9 @@ fn extents_view(fs: &Fs, ino: Ino) -> extents::Result<Vec<u8>> {
     Ok(parts.join("; ").into_bytes())
 }
 
-fn fs_view(fs: &Fs, offload: &Offload) -> Vec<u8> {
+fn fs_view(fs: &Fs, offload: &Offload, transport: &str) -> Vec<u8> {
     let i = fs.info();
-    let rows: [(&str, String); 14] = [
+    let rows: [(&str, String); 15] = [
         ("format_version", i.format_version.to_string()),
         ("uuid", i.uuid.clone()),
         ("block_size", i.block_size.to_string()),
@@ -107,6 +109,7 @@ fn fs_view(fs: &Fs, offload: &Offload) -> Vec<u8> {
         ("metadata_bytes_used", i.meta_bytes_used.to_string()),
         ("metadata_bytes_capacity", i.meta_bytes_capacity.to_string()),
         ("read_only", fs.is_read_only().to_string()),
+        ("fuse", transport.to_string()),
     ];
     let words: Vec<String> = rows
         .into_iter()

@@ -11,15 +11,50 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use blockdev::{BlockDevice, FileDevice, LatencyDevice, OpenOptions};
 use extents::{Fs, MountOptions};
-use fuser::{Config, MountOption, SessionACL};
 
-use crate::daemon::NearFs;
+use crate::daemon::{self, NearFs};
+use crate::fuse::{InitConfig, Session};
 use crate::offload::{Offload, Policy, Settings};
 
 /// Environment variable through which a daemonized child learns its readiness pipe.
 const READY_FD_ENV: &str = "NEARFS_READY_FD";
 /// How long a mount waits for a previous daemon of the same image to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// A kernel mount flag given as an option, set or cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountOption {
+    NoDev,
+    Dev,
+    NoSuid,
+    Suid,
+    NoExec,
+    Exec,
+    NoAtime,
+    Atime,
+}
+
+impl MountOption {
+    fn parse(name: &str) -> Option<MountOption> {
+        use MountOption::*;
+        [NoDev, Dev, NoSuid, Suid, NoExec, Exec, NoAtime, Atime]
+            .into_iter()
+            .find(|o| o.as_str() == name)
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            MountOption::NoDev => "nodev",
+            MountOption::Dev => "dev",
+            MountOption::NoSuid => "nosuid",
+            MountOption::Suid => "suid",
+            MountOption::NoExec => "noexec",
+            MountOption::Exec => "exec",
+            MountOption::NoAtime => "noatime",
+            MountOption::Atime => "atime",
+        }
+    }
+}
 
 /// Everything `nearfs mount` needs to know.
 #[derive(Clone, Debug)]
@@ -34,8 +69,11 @@ pub struct MountConfig {
     pub direct: bool,
     /// Seconds between background commits.
     pub commit_secs: u64,
-    /// FUSE worker threads.
+    /// FUSE worker threads (per CPU over io_uring).
     pub threads: usize,
+    /// Serve requests over io_uring when the kernel offers it (`uring`, the default, or
+    /// `nouring`).
+    pub uring: bool,
     /// Kernel mount flags passed through (nodev, noexec, ...).
     pub passthrough: Vec<MountOption>,
     /// Where a daemonized mount writes its log (otherwise it is discarded).
@@ -69,6 +107,7 @@ impl MountConfig {
             direct: false,
             commit_secs: 5,
             threads: 4,
+            uring: true,
             passthrough: Vec::new(),
             log: None,
             verbose: 0,
@@ -93,6 +132,8 @@ impl MountConfig {
                 ("ro", None) => self.read_only = true,
                 ("rw", None) => self.read_only = false,
                 ("direct", None) => self.direct = true,
+                ("uring", None) => self.uring = true,
+                ("nouring", None) => self.uring = false,
                 ("commit", Some(v)) => {
                     self.commit_secs = v
                         .parse()
@@ -163,14 +204,9 @@ impl MountConfig {
                         .map(Duration::from_secs)
                         .context("nbd_timeout=SECONDS (1..3600)")?
                 }
-                ("nodev", None) => self.passthrough.push(MountOption::NoDev),
-                ("dev", None) => self.passthrough.push(MountOption::Dev),
-                ("nosuid", None) => self.passthrough.push(MountOption::NoSuid),
-                ("suid", None) => self.passthrough.push(MountOption::Suid),
-                ("noexec", None) => self.passthrough.push(MountOption::NoExec),
-                ("exec", None) => self.passthrough.push(MountOption::Exec),
-                ("noatime", None) => self.passthrough.push(MountOption::NoAtime),
-                ("atime", None) => self.passthrough.push(MountOption::Atime),
+                (k, None) if MountOption::parse(k).is_some() => {
+                    self.passthrough.extend(MountOption::parse(k))
+                }
                 // Options mount(8) and fstab use that mean nothing to the filesystem.
                 (
                     "defaults" | "auto" | "noauto" | "nofail" | "user" | "users" | "nouser"
@@ -271,6 +307,7 @@ fn options_string(cfg: &MountConfig) -> String {
         (cfg.default_permissions, "default_permissions"),
         (cfg.read_only, "ro"),
         (cfg.direct, "direct"),
+        (!cfg.uring, "nouring"),
     ] {
         if set {
             o.push(name.to_string());
@@ -279,22 +316,7 @@ fn options_string(cfg: &MountConfig) -> String {
     if let Some(log) = &cfg.log {
         o.push(format!("log={}", log.display()));
     }
-    for p in &cfg.passthrough {
-        o.push(
-            match p {
-                MountOption::NoDev => "nodev",
-                MountOption::Dev => "dev",
-                MountOption::NoSuid => "nosuid",
-                MountOption::Suid => "suid",
-                MountOption::NoExec => "noexec",
-                MountOption::Exec => "exec",
-                MountOption::NoAtime => "noatime",
-                MountOption::Atime => "atime",
-                _ => continue,
-            }
-            .to_string(),
-        );
-    }
+    o.extend(cfg.passthrough.iter().map(|p| p.as_str().to_string()));
     o.join(",")
 }
 
@@ -396,33 +418,11 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
         Fs::mount(dev, opts).with_context(|| format!("cannot mount {}", cfg.image.display()))?,
     );
 
-    let mut options = vec![
-        MountOption::FSName(cfg.image.display().to_string()),
-        MountOption::Subtype("nearfs".into()),
-    ];
-    if cfg.default_permissions {
-        options.push(MountOption::DefaultPermissions);
-    }
-    options.push(if cfg.read_only {
-        MountOption::RO
-    } else {
-        MountOption::RW
-    });
-    options.extend(cfg.passthrough.iter().cloned());
-    let mut config = Config::default();
-    config.mount_options = options;
-    config.acl = if cfg.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    config.n_threads = Some(cfg.threads);
-    config.clone_fd = true;
-
     let signals = block_stop_signals();
     let offload = Arc::new(Offload::new(fs.clone(), cfg.offload, target));
-    let (session, unmount) = start_session(cfg, NearFs::new(fs.clone(), offload.clone()), config)?;
+    let (session, unmount) = start_session(cfg)?;
     offload.set_notifier(session.notifier())?;
+    tracing::info!(io_uring = session.over_uring(), "FUSE session started");
     std::thread::Builder::new()
         .name("nearfs-signals".into())
         .spawn(move || {
@@ -466,7 +466,10 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
         drop(f);
         detach_stdio(cfg.log.as_deref());
     }
-    let result = session.run();
+    let result = {
+        let over_uring = session.over_uring();
+        session.run(Arc::new(NearFs::new(fs.clone(), offload, over_uring)))
+    };
     stop.store(true, Ordering::Relaxed);
     let _ = committer.join();
     fs.commit().context("final commit failed")?;
@@ -474,30 +477,27 @@ fn serve(cfg: &MountConfig, ready: Option<OwnedFd>) -> Result<()> {
     result.context("FUSE session failed")
 }
 
-fn acl(cfg: &MountConfig) -> SessionACL {
-    if cfg.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    }
-}
-
 /// How to take the mount down again.
 enum Unmount {
     /// We mounted it with mount(2).
     Kernel(PathBuf),
-    /// fuser mounted it through fusermount3.
-    Fuser(std::sync::Mutex<fuser::SessionUnmounter>),
+    /// fusermount3 mounted it for us.
+    Fusermount(PathBuf),
 }
 
 impl Unmount {
     fn unmount(&self) {
         let result = match self {
             Unmount::Kernel(path) => umount(path),
-            Unmount::Fuser(u) => u
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))
-                .and_then(|mut u| u.unmount()),
+            Unmount::Fusermount(path) => std::process::Command::new("fusermount3")
+                .args(["-u", "-z", "--"])
+                .arg(path)
+                .status()
+                .and_then(|s| {
+                    s.success()
+                        .then_some(())
+                        .ok_or_else(|| std::io::Error::other(format!("fusermount3 -u: {s}")))
+                }),
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "unmount failed");
@@ -547,9 +547,9 @@ fn mount_flags(cfg: &MountConfig) -> libc::c_ulong {
     flags
 }
 
-/// Mounts /dev/fuse on the mountpoint as type `fuse.nearfs`, as libfuse does for root;
-/// fuser's own root path would mount it as plain `fuse`, which `mount -o remount` and
-/// `df -t` cannot tell apart from other FUSE filesystems.
+/// Mounts /dev/fuse on the mountpoint as type `fuse.nearfs`, as libfuse does for root (a
+/// plain `fuse` mount is one that `mount -o remount` and `df -t` cannot tell apart from
+/// other FUSE filesystems).
 fn kernel_mount(cfg: &MountConfig) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     let dev = std::fs::OpenOptions::new()
@@ -587,28 +587,115 @@ fn kernel_mount(cfg: &MountConfig) -> std::io::Result<OwnedFd> {
     Ok(dev.into())
 }
 
-/// Mounts and completes the FUSE handshake: ourselves as root, through fusermount3 otherwise.
-fn start_session(
-    cfg: &MountConfig,
-    fs: NearFs,
-    config: Config,
-) -> Result<(fuser::Session<NearFs>, Unmount)> {
-    // SAFETY: geteuid cannot fail and touches no memory.
-    if unsafe { libc::geteuid() } == 0 {
-        let fd = kernel_mount(cfg)
-            .with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
-        return match fuser::Session::from_fd(fs, fd, acl(cfg), config) {
-            Ok(session) => Ok((session, Unmount::Kernel(cfg.mountpoint.clone()))),
-            Err(e) => {
-                let _ = umount(&cfg.mountpoint);
-                Err(anyhow::Error::from(e).context("FUSE handshake failed"))
-            }
-        };
+/// Mounts through the setuid `fusermount3`, as libfuse does for users other than root: it
+/// mounts and hands the `/dev/fuse` descriptor back over a socket named by `_FUSE_COMMFD`.
+fn fusermount(cfg: &MountConfig) -> std::io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, RawFd};
+    let mut fds: [RawFd; 2] = [0; 2];
+    // SAFETY: socketpair writes two descriptors into fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
     }
-    let mut session = fuser::Session::new(fs, &cfg.mountpoint, &config)
-        .with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
-    let unmount = Unmount::Fuser(std::sync::Mutex::new(session.unmount_callable()));
-    Ok((session, unmount))
+    // SAFETY: both descriptors are fresh and ours alone.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // fusermount3 inherits its end.
+    // SAFETY: F_SETFD on a descriptor we own.
+    if unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut opts = vec![
+        format!("fsname={}", cfg.image.display()).replace(',', "\\,"),
+        "subtype=nearfs".to_string(),
+        if cfg.read_only { "ro" } else { "rw" }.to_string(),
+    ];
+    for (set, name) in [
+        (cfg.allow_other, "allow_other"),
+        (cfg.default_permissions, "default_permissions"),
+    ] {
+        if set {
+            opts.push(name.to_string());
+        }
+    }
+    opts.extend(cfg.passthrough.iter().map(|p| p.as_str().to_string()));
+    let status = std::process::Command::new("fusermount3")
+        .arg("-o")
+        .arg(opts.join(","))
+        .arg("--")
+        .arg(&cfg.mountpoint)
+        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+        .status()?;
+    drop(theirs);
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "fusermount3 failed ({status})"
+        )));
+    }
+    receive_fd(&ours)
+}
+
+/// Receives one descriptor sent with SCM_RIGHTS.
+fn receive_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one control message carrying one descriptor, aligned as cmsghdr wants.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at live buffers of the sizes it states.
+    if unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: msg was filled in by recvmsg; CMSG_FIRSTHDR checks the length it reported.
+    let c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    // SAFETY: c is null or points at a header within control, as recvmsg filled it.
+    let rights = unsafe { c.as_ref() }
+        .is_some_and(|h| h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS);
+    if !rights {
+        return Err(std::io::Error::other("fusermount3 sent no descriptor"));
+    }
+    // SAFETY: an SCM_RIGHTS message carries at least one int; it may be unaligned.
+    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) };
+    // SAFETY: the kernel installed this descriptor for us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mounts and completes the FUSE handshake: ourselves as root, through fusermount3 otherwise.
+fn start_session(cfg: &MountConfig) -> Result<(Session, Unmount)> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let (fd, unmount) = if unsafe { libc::geteuid() } == 0 {
+        let fd = kernel_mount(cfg);
+        (fd, Unmount::Kernel(cfg.mountpoint.clone()))
+    } else {
+        (fusermount(cfg), Unmount::Fusermount(cfg.mountpoint.clone()))
+    };
+    let fd = fd.with_context(|| format!("cannot mount on {}", cfg.mountpoint.display()))?;
+    let init = InitConfig {
+        uring: cfg.uring,
+        ..daemon::INIT
+    };
+    match Session::new(fd, init, cfg.threads) {
+        Ok(session) => Ok((session, unmount)),
+        Err(e) => {
+            unmount.unmount();
+            Err(anyhow::Error::from(e).context("FUSE handshake failed"))
+        }
+    }
 }
 
 /// FUSE read requests are as large as the mount's readahead, which the kernel starts at
@@ -707,7 +794,7 @@ mod tests {
     fn options_parse_and_round_trip() {
         let mut c = MountConfig::new("a".into(), "b".into());
         c.apply_options(
-            "allow_other,ro,commit=2,threads=3,nodev,defaults,x-systemd.automount,log=/tmp/l,\
+            "allow_other,ro,commit=2,threads=3,nouring,nodev,defaults,x-systemd.automount,log=/tmp/l,\
              offload=ro,offload_runs=9,offload_programs=5,offload_bytes=2M,latency=80",
         )
         .unwrap();
@@ -716,6 +803,7 @@ mod tests {
         let mut d = MountConfig::new("a".into(), "b".into());
         d.apply_options(&options_string(&c)).unwrap();
         assert!(d.allow_other && d.read_only && d.commit_secs == 2 && d.threads == 3);
+        assert!(!c.uring && !d.uring);
         assert_eq!(d.offload.policy, Policy::ReadOnly);
         assert_eq!(d.offload.runs_per_user, 9);
         assert_eq!(d.offload.programs_per_user, 5);

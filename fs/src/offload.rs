@@ -39,11 +39,11 @@ use appcode::{Extent, Limits, Mode, Program, ProgramError, Request, RunError, Wo
 use dashmap::DashMap;
 use extents::access::{MAY_READ, MAY_WRITE};
 use extents::{BLOCK_SIZE, Creds, FileKind, Fs, FsError, Ino, OpenMode};
-use fuser::{Errno, INodeNo, Notifier, ReplyIoctl};
 use nbd::{NbdDevice, NotAtTarget, RemoteProgram, RemoteWorld};
 use nearfs_client::abi::{self, Fields, FieldsMut, RunShape, cmd, off, run_error};
 
-use crate::errno::errno;
+use crate::errno::{Errno, errno};
+use crate::fuse::{Notifier, Reply};
 use crate::workers::{Job, Turn, Workers};
 
 /// The name of the owner's policy attribute.
@@ -319,7 +319,7 @@ struct Invalidator {
 struct Invalidate {
     ino: Ino,
     pages: bool,
-    reply: ReplyIoctl,
+    reply: Reply,
     bytes: Vec<u8>,
 }
 
@@ -343,7 +343,7 @@ impl Answer {
 /// (a negative offset) wait for nothing.
 fn drop_cached(n: &Notifier, ino: Ino, pages: bool) {
     let offset = if pages { 0 } else { -1 };
-    if let Err(e) = n.inval_inode(INodeNo(ino.0), offset, 0) {
+    if let Err(e) = n.inval_inode(ino.0, offset, 0) {
         tracing::warn!(error = %e, pages, "cache invalidation failed");
     }
 }
@@ -415,7 +415,7 @@ impl Offload {
                     // Counted done however it ends, or every later reply would queue.
                     let _ = catch_unwind(AssertUnwindSafe(|| {
                         drop_cached(&n, job.ino, job.pages);
-                        job.reply.ioctl(0, &job.bytes);
+                        job.reply.ioctl(&job.bytes);
                     }));
                     done.fetch_sub(1, Ordering::Release);
                 }
@@ -444,9 +444,9 @@ impl Offload {
     /// is cleared here, and the next run will not look at the pages this one left. A run
     /// that wrote a file the kernel holds no pages of still changed its times, which the
     /// kernel may have cached: those are dropped here, before the reply.
-    fn reply(&self, ino: Ino, answer: Answer, reply: ReplyIoctl) {
+    fn reply(&self, ino: Ino, answer: Answer, reply: Reply) {
         let Some(inv) = self.invalidator.get().filter(|_| answer.wrote) else {
-            return reply.ioctl(0, &answer.bytes);
+            return reply.ioctl(&answer.bytes);
         };
         // Taking the mark, deciding and queueing are one step under the queue's lock: a
         // reply that finds no mark and nothing queued cannot overtake a drop another reply
@@ -457,7 +457,7 @@ impl Offload {
             drop(tx);
             // Attributes only: that waits for no page lock, so it may be done from here.
             drop_cached(&inv.notifier, ino, false);
-            return reply.ioctl(0, &answer.bytes);
+            return reply.ioctl(&answer.bytes);
         }
         if pages {
             self.stats.entry(ino.0).or_default().invalidations += 1;
@@ -474,12 +474,12 @@ impl Offload {
             inv.queued.fetch_sub(1, Ordering::Release);
             drop(tx);
             drop_cached(&inv.notifier, ino, false);
-            job.reply.ioctl(0, &job.bytes);
+            job.reply.ioctl(&job.bytes);
         }
     }
 
     /// Replies with `result` (an answer or an errno).
-    fn answer(&self, ino: Ino, result: Result<Answer, Errno>, reply: ReplyIoctl) {
+    fn answer(&self, ino: Ino, result: Result<Answer, Errno>, reply: Reply) {
         match result {
             Ok(a) => self.reply(ino, a, reply),
             Err(e) => reply.error(e),
@@ -488,7 +488,7 @@ impl Offload {
 
     /// Queues `work` for an offload worker, which replies with what it returns (EIO if it
     /// panics); EAGAIN at once if the user has too many jobs of this kind waiting.
-    fn submit(self: &Arc<Self>, ino: Ino, later: Later, reply: ReplyIoctl) {
+    fn submit(self: &Arc<Self>, ino: Ino, later: Later, reply: Reply) {
         let me = self.clone();
         let Later { uid, kind, work } = later;
         let job: Job = Box::new(move |turn| {
@@ -515,7 +515,7 @@ impl Offload {
         command: u32,
         input: &[u8],
         out_size: u32,
-        reply: ReplyIoctl,
+        reply: Reply,
     ) {
         let ino = caller.ino;
         let handled = catch_unwind(AssertUnwindSafe(|| {
