@@ -31,7 +31,8 @@ const MAX_WRITE: u32 = 1 << 20;
 const FILE_OPEN_FLAGS: u32 = abi::FOPEN_KEEP_CACHE | abi::FOPEN_NOFLUSH;
 
 /// What the daemon asks of the kernel at INIT: requests of up to 1 MiB, readdirplus,
-/// lookups and creates in one directory at once, and io_uring queues when offered.
+/// lookups and creates in one directory at once, and io_uring queues when offered (and
+/// the mount asks for them, `-o uring`).
 pub const INIT: InitConfig = InitConfig {
     max_write: MAX_WRITE,
     max_readahead: MAX_WRITE,

@@ -635,8 +635,8 @@ fn pin_to(cpu: usize) {
     }
 }
 
-/// A queue thread: registers every entry, then serves requests until the kernel tears
-/// the entries down at unmount.
+/// A queue thread: registers an entry, then serves requests and commits what other
+/// threads answered, until the kernel has torn down every entry at unmount.
 fn serve(ring: Arc<Ring>, handler: &dyn Handler) {
     pin_to(ring.qid as usize);
     let _ = ring.owner.set(std::thread::current().id());
