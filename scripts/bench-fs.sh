@@ -50,13 +50,13 @@ mkdir -p "$work/ext4" "$work/nearfs" "$work/results"
 
 loop_for() {
     truncate -s "$SIZE" "$1"
-    local dev
-    dev=$(losetup -f --show "$1")
-    loops+=("$dev")
-    echo "$dev"
+    losetup -f --show "$1"
 }
+# Recorded here, not in loop_for: that runs in a subshell, whose array the cleanup never sees.
 ext4_dev=$(loop_for "$work/ext4.img")
+loops+=("$ext4_dev")
 nearfs_dev=$(loop_for "$work/nearfs.img")
+loops+=("$nearfs_dev")
 mkfs.ext4 -q -F "$ext4_dev"
 mount "$ext4_dev" "$work/ext4"
 "$NEARFS" mkfs "$nearfs_dev" --force >/dev/null
