@@ -253,7 +253,7 @@ impl Session {
                 flags &= !abi::init::OVER_IO_URING;
             }
             config.max_readahead = config.max_readahead.min(readahead);
-            let page = 4096;
+            let page = page_size();
             let mut o = abi::Out::with_capacity(64);
             o.u32(abi::MAJOR).u32(abi::MINOR).u32(config.max_readahead);
             o.u32(flags as u32);
@@ -314,6 +314,13 @@ impl Session {
         }
         result
     }
+}
+
+/// The kernel's page size (max_pages and the io_uring payload are counted in pages).
+fn page_size() -> u32 {
+    // SAFETY: sysconf takes no pointers.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(n).unwrap_or(4096)
 }
 
 /// A request buffer large enough for the largest write and its headers.
@@ -392,5 +399,14 @@ fn dispatch(msg: &[u8], handler: &dyn Handler, sender: impl FnOnce() -> Sender) 
         header,
         args: Args(&msg[abi::IN_HEADER..]),
     };
-    handler.handle(req, reply);
+    // A panic costs its caller an EIO (the reply's drop sends it), never the thread:
+    // over io_uring that thread is the only one serving its CPU's queue.
+    let handled =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(req, reply)));
+    if handled.is_err() {
+        tracing::error!(
+            opcode = header.opcode,
+            "a FUSE request's handler panicked; its caller gets EIO"
+        );
+    }
 }

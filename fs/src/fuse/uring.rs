@@ -122,6 +122,7 @@ impl Drop for Map {
 
 /// The submission side of a ring: taken under a lock by whoever submits.
 struct Submit {
+    sq_head: *const AtomicU32,
     sq_tail: *const AtomicU32,
     sq_mask: u32,
     sq_array: *mut u32,
@@ -158,6 +159,9 @@ struct Ring {
     wake_count: Box<AtomicU64>,
 }
 
+/// How often a submission is tried before it is left queued for the next.
+const SUBMIT_TRIES: u32 = 1000;
+
 /// The `user_data` of the completion of a read of the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
 const OP_READ: u8 = 22;
@@ -191,7 +195,7 @@ impl Ring {
         // A completion per entry at most: the CQ has room for all of them.
         let mut p = Params {
             flags: SETUP_SQE128 | SETUP_CQSIZE,
-            cq_entries: MAX_ENTRIES as u32,
+            cq_entries: 2 * MAX_ENTRIES as u32,
             ..Params::default()
         };
         let fd = setup(4, &mut p)?;
@@ -223,6 +227,7 @@ impl Ring {
             cq_map.at(cq[5] as usize),
         );
         let submit = Submit {
+            sq_head: sq_map.at(sq[0] as usize),
             sq_tail: sq_map.at(sq[1] as usize),
             sq_mask,
             sq_array: sq_map.at(sq[6] as usize),
@@ -299,9 +304,15 @@ impl Ring {
     /// Writes a retrieve notification for nothing (root, zero bytes): the kernel answers
     /// it with a `FUSE_NOTIFY_REPLY` request on this thread's queue (see [`unstick`]).
     fn kick(&self) -> io::Result<()> {
-        // Kernel request ids are counted up from 0 in steps of 2; these never meet them.
+        // Kernel request ids are counted up from 0 in steps of 2; these never meet them,
+        // and are even too (the kernel reads the lowest bit as "an interrupt").
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let unique = (1 << 63) | NEXT.fetch_add(1, Ordering::Relaxed);
+        let unique = (1 << 63) | NEXT.fetch_add(2, Ordering::Relaxed);
+        // The reply lands on the queue of the CPU this runs on: make sure it is ours.
+        // SAFETY: sched_getcpu takes no arguments.
+        if unsafe { libc::sched_getcpu() } != i32::from(self.qid) {
+            pin_to(self.qid as usize);
+        }
         let mut m = abi::Out::with_capacity(48);
         m.u32(48).i32(abi::NOTIFY_RETRIEVE).u64(0);
         m.u64(unique).u64(abi::ROOT_ID).u64(0).u32(0).u32(0);
@@ -375,11 +386,22 @@ impl Ring {
         }
     }
 
-    /// Puts one SQE on the ring and submits it.
+    /// Puts one SQE on the ring and submits it, with any an earlier call left queued.
+    /// Once on the ring an SQE is the kernel's: if submitting fails, it goes with the
+    /// next submission, so callers may count it as submitted.
     fn submit_sqe(&self, b: &[u8; SQE_SIZE]) -> io::Result<()> {
         let s = self.submit.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: sq_tail points into the SQ ring; only this lock's holder moves it.
-        let tail = unsafe { (*s.sq_tail).load(Ordering::Relaxed) };
+        // SAFETY: sq_tail points into the SQ ring; only this lock's holder moves it. The
+        // kernel moves the head as it consumes SQEs.
+        let (head, tail) = unsafe {
+            (
+                (*s.sq_head).load(Ordering::Acquire),
+                (*s.sq_tail).load(Ordering::Relaxed),
+            )
+        };
+        if tail.wrapping_sub(head) > s.sq_mask {
+            return Err(io::Error::other("the submission queue is full"));
+        }
         let slot = (tail & s.sq_mask) as usize;
         let sqe = s.sqes.at::<u8>(slot * SQE_SIZE);
         // SAFETY: the slot is ours until the tail moves past it; array has sq_mask+1 u32s.
@@ -388,13 +410,14 @@ impl Ring {
             *s.sq_array.add(slot) = slot as u32;
             (*s.sq_tail).store(tail.wrapping_add(1), Ordering::Release);
         }
-        loop {
+        let queued = tail.wrapping_add(1).wrapping_sub(head);
+        for _ in 0..SUBMIT_TRIES {
             // SAFETY: io_uring_enter on our ring; no arguments point anywhere.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_uring_enter,
                     self.fd.as_raw_fd(),
-                    1u32,
+                    queued,
                     0u32,
                     0u32,
                     std::ptr::null::<u8>(),
@@ -404,11 +427,18 @@ impl Ring {
             if r >= 0 {
                 return Ok(());
             }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                // Out of resources for a moment: the SQEs stay queued; try again shortly.
+                Some(libc::EAGAIN | libc::EBUSY) => std::thread::sleep(Duration::from_millis(1)),
+                _ => break,
             }
         }
+        tracing::warn!(
+            qid = self.qid,
+            "io_uring_enter keeps failing; commands stay queued for the next submission"
+        );
+        Ok(())
     }
 
     /// Waits for the next completion: (entry index, result).
@@ -569,22 +599,27 @@ impl Rings {
     }
 }
 
-/// The kernel's number of queues: one per possible CPU.
-pub fn possible_cpus() -> io::Result<usize> {
-    let list = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    let mut n = 0;
-    for range in list.trim().split(',') {
+/// The CPUs of a kernel CPU list file (`0-3,6`).
+fn cpu_list(path: &str) -> io::Result<Vec<usize>> {
+    let list = std::fs::read_to_string(path)?;
+    let mut cpus = Vec::new();
+    for range in list.trim().split(',').filter(|r| !r.is_empty()) {
         let (a, b) = range.split_once('-').unwrap_or((range, range));
         let (a, b): (usize, usize) = (
             a.parse().map_err(io::Error::other)?,
             b.parse().map_err(io::Error::other)?,
         );
-        n += b
-            .checked_sub(a)
-            .ok_or_else(|| io::Error::other("bad CPU list"))?
-            + 1;
+        if b < a || b >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::other(format!("bad CPU list in {path}")));
+        }
+        cpus.extend(a..=b);
     }
-    Ok(n)
+    Ok(cpus)
+}
+
+/// The kernel's number of queues: one per possible CPU.
+pub fn possible_cpus() -> io::Result<usize> {
+    Ok(cpu_list("/sys/devices/system/cpu/possible")?.len())
 }
 
 /// Rings made before the INIT reply (so that a failure can still leave io_uring out of
@@ -596,9 +631,23 @@ pub struct Prepared {
 /// Makes `per_queue` rings for each possible CPU, for requests of up to `max_write`.
 pub fn prepare(dev: &File, max_write: u32, per_queue: usize) -> io::Result<Prepared> {
     // The kernel's payload size: max(8 KiB, max_write, max_pages pages).
-    let payload = (max_write as usize).max(8192).next_multiple_of(4096);
+    let payload = (max_write as usize)
+        .max(8192)
+        .next_multiple_of(super::page_size() as usize);
+    // Each queue's thread must be able to run on its CPU: a request made there is served
+    // only by it, and the thread's kick reaches the queue of the CPU it runs on.
+    let queues = possible_cpus()?;
+    let allowed = allowed_cpus()?;
+    if let Some(cpu) = cpu_list("/sys/devices/system/cpu/online")?
+        .into_iter()
+        .find(|c| *c < queues && !allowed.contains(c))
+    {
+        return Err(io::Error::other(format!(
+            "the daemon may not run on CPU {cpu}, so it could not serve that CPU's queue"
+        )));
+    }
     let mut rings = Vec::new();
-    for qid in 0..possible_cpus()? {
+    for qid in 0..queues {
         for _ in 0..per_queue.max(1) {
             let qid = u16::try_from(qid).map_err(io::Error::other)?;
             rings.push(Arc::new(Ring::new(dev.as_raw_fd(), qid, payload)?));
@@ -624,15 +673,46 @@ impl Prepared {
     }
 }
 
+/// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    if cpu >= libc::CPU_SETSIZE as usize {
+        tracing::warn!(
+            cpu,
+            "cannot pin a FUSE queue thread to a CPU past the set's size"
+        );
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (cpu is within its size).
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::debug!(cpu, error = %io::Error::last_os_error(), "cannot pin a FUSE queue thread");
+            tracing::warn!(cpu, error = %io::Error::last_os_error(), "cannot pin a FUSE queue thread");
         }
     }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it; CPU_ISSET reads inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
+}
+
+/// Stops the mount after a queue thread has failed: the kernel would wait for it forever
+/// and every caller on its CPU with it. SIGTERM takes the path of `umount`: the mount is
+/// taken down and everything is committed.
+fn give_up(qid: u16, why: &str) {
+    tracing::error!(qid, why, "a FUSE io_uring queue cannot go on; unmounting");
+    // SAFETY: kill with our own pid and a signal the daemon waits for.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
 }
 
 /// A queue thread: registers an entry, then serves requests and commits what other
@@ -641,12 +721,13 @@ fn serve(ring: Arc<Ring>, handler: &dyn Handler) {
     pin_to(ring.qid as usize);
     let _ = ring.owner.set(std::thread::current().id());
     if let Err(e) = ring.await_wake() {
-        tracing::error!(error = %e, qid = ring.qid, "cannot wait on a FUSE io_uring wake-up");
-        return;
+        return give_up(
+            ring.qid,
+            &format!("cannot wait on its wake-up eventfd: {e}"),
+        );
     }
     if let Err(e) = ring.add_entry() {
-        tracing::error!(error = %e, qid = ring.qid, "cannot register a FUSE io_uring entry");
-        return;
+        return give_up(ring.qid, &format!("cannot register an entry: {e}"));
     }
     // Entries not yet torn down.
     let mut live = 1;
@@ -654,15 +735,15 @@ fn serve(ring: Arc<Ring>, handler: &dyn Handler) {
     while live > 0 {
         let (index, res) = match ring.next() {
             Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, qid = ring.qid, "FUSE io_uring wait failed");
-                return;
-            }
+            Err(e) => return give_up(ring.qid, &format!("cannot wait for completions: {e}")),
         };
         if index as u64 == WAKE {
             ring.drain_outbox();
             if let Err(e) = ring.await_wake() {
-                tracing::error!(error = %e, qid = ring.qid, "cannot wait on a FUSE io_uring wake-up");
+                return give_up(
+                    ring.qid,
+                    &format!("cannot wait on its wake-up eventfd: {e}"),
+                );
             }
             continue;
         }
@@ -688,6 +769,10 @@ fn serve(ring: Arc<Ring>, handler: &dyn Handler) {
             e => {
                 tracing::error!(error = %io::Error::from_raw_os_error(e), qid = ring.qid, "FUSE io_uring entry failed");
                 live -= 1;
+                // The ring must not be left with no entry for its queue.
+                if ring.armed.load(Ordering::Acquire) == 0 {
+                    unstick(&ring, &mut live);
+                }
                 continue;
             }
         }
