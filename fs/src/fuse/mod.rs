@@ -292,7 +292,17 @@ impl Session {
         };
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            let dev = Arc::new(clone_dev(&self.dev)?);
+            // A clone needs /dev/fuse opened again, which a user other than root may not
+            // (fusermount3 opened the first one); then the threads share that one.
+            let dev = match clone_dev(&self.dev) {
+                Ok(clone) => Arc::new(clone),
+                Err(e) => {
+                    if i == 0 {
+                        tracing::info!(error = %e, "cannot clone /dev/fuse; threads share one descriptor");
+                    }
+                    self.dev.clone()
+                }
+            };
             let handler = handler.clone();
             let max_write = self.config.max_write;
             workers.push(
