@@ -300,6 +300,10 @@ impl NearFs {
 
     fn read(&self, ino: Ino, mut a: Args, reply: Reply) {
         let (fh, offset, size) = args!(reply, Some((a.u64()?, a.u64()?, a.u32()?)));
+        // No larger than INIT allowed: the size decides what the read buffer grows to.
+        if size > MAX_WRITE {
+            return reply.error(Errno::EINVAL);
+        }
         match self.handle(fh, ino) {
             Ok(h) if h.mode.read => {}
             Ok(_) => return reply.error(Errno::EBADF),
@@ -378,6 +382,10 @@ impl NearFs {
 
     fn readdir(&self, ino: Ino, mut a: Args, plus: bool, reply: Reply) {
         let (_fh, offset, size) = args!(reply, Some((a.u64()?, a.u64()?, a.u32()?)));
+        // The size is what the reply buffer is made for.
+        if size > MAX_WRITE {
+            return reply.error(Errno::EINVAL);
+        }
         let mut out = Out::with_capacity(size as usize);
         let r = self.each_entry(ino, offset, |e| {
             let kind = abi::dirent_type(type_bits(e.kind));
@@ -686,5 +694,131 @@ fn xattr_reply(reply: Reply, value: extents::Result<Vec<u8>>, size: u32) {
         Ok(v) if size == 0 => reply.data(&[&Out::default().u32(v.len() as u32).u32(0).0]),
         Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
         Ok(v) => reply.data(&[&v]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    use blockdev::{BlockDevice, MemDevice};
+    use extents::{MkfsOptions, MountOptions};
+
+    use super::*;
+    use crate::fuse::abi::InHeader;
+    use crate::offload::Settings;
+
+    fn daemon() -> (Arc<Fs>, NearFs) {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+        Fs::mkfs(dev.clone(), MkfsOptions::default()).unwrap();
+        let opts = MountOptions {
+            read_only: false,
+            kernel_refs: true,
+        };
+        let fs = Arc::new(Fs::mount(dev, opts).unwrap());
+        let offload = Arc::new(Offload::new(fs.clone(), Settings::default(), None));
+        (fs.clone(), NearFs::new(fs, offload, false))
+    }
+
+    /// Sends one request as the kernel would and returns the reply's error and body.
+    fn ask(d: &NearFs, opcode: u32, nodeid: u64, args: &[u8]) -> (i32, Vec<u8>) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are fresh and ours.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let header = InHeader {
+            len: (abi::IN_HEADER + args.len()) as u32,
+            opcode,
+            unique: 2,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: std::process::id(),
+        };
+        let req = Request {
+            header,
+            args: Args(args),
+        };
+        // Read while the reply is written: a large one does not fit in the pipe.
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            File::from(r).read_to_end(&mut out).unwrap();
+            out
+        });
+        Handler::handle(d, req, Reply::to_file(2, File::from(w)));
+        let out = reader.join().unwrap();
+        let error = i32::from_le_bytes(out[4..8].try_into().unwrap());
+        (error, out[abi::OUT_HEADER..].to_vec())
+    }
+
+    #[test]
+    fn sizes_and_lengths_in_requests_are_checked_before_they_are_used() {
+        let (fs, d) = daemon();
+        // A sparse 8 GiB file, opened for reading.
+        let big = fs
+            .create(&Creds::root(), Ino(abi::ROOT_ID), b"big", 0o644)
+            .unwrap();
+        let grow = SetAttr {
+            size: Some(8 << 30),
+            ..SetAttr::default()
+        };
+        fs.setattr(&Creds::root(), big.ino, grow).unwrap();
+        let (e, body) = ask(&d, op::OPEN, big.ino.0, &[0; 8]);
+        assert_eq!(e, 0);
+        let fh = u64::from_le_bytes(body[..8].try_into().unwrap());
+
+        // A read or a listing larger than INIT allowed would size a 4 GiB buffer.
+        let mut read = Out::default();
+        read.u64(fh).u64(0).u32(u32::MAX).zeros(20);
+        assert_eq!(ask(&d, op::READ, big.ino.0, &read.0).0, -libc::EINVAL);
+        let mut list = Out::default();
+        list.u64(0).u64(0).u32(u32::MAX).zeros(20);
+        assert_eq!(ask(&d, op::READDIR, abi::ROOT_ID, &list.0).0, -libc::EINVAL);
+        // The largest allowed read works.
+        let mut read = Out::default();
+        read.u64(fh).u64(0).u32(MAX_WRITE).zeros(20);
+        let (e, body) = ask(&d, op::READ, big.ino.0, &read.0);
+        assert_eq!((e, body.len()), (0, MAX_WRITE as usize));
+
+        // Lengths that claim more than the request carries.
+        let mut write = Out::default();
+        write.u64(fh).u64(0).u32(100).zeros(20).bytes(b"short");
+        assert_eq!(ask(&d, op::WRITE, big.ino.0, &write.0).0, -libc::EINVAL);
+        let mut setx = Out::default();
+        setx.u32(1000).u32(0).bytes(b"user.x\0v");
+        assert_eq!(ask(&d, op::SETXATTR, big.ino.0, &setx.0).0, -libc::EINVAL);
+        let mut ioctl = Out::default();
+        ioctl.u64(fh).u32(0).u32(0).u64(0).u32(1 << 20).u32(0);
+        assert_eq!(ask(&d, op::IOCTL, big.ino.0, &ioctl.0).0, -libc::EINVAL);
+        // A name without its NUL, and no arguments at all.
+        assert_eq!(ask(&d, op::LOOKUP, abi::ROOT_ID, b"big").0, -libc::EINVAL);
+        assert_eq!(ask(&d, op::SETATTR, big.ino.0, &[]).0, -libc::EINVAL);
+        assert_eq!(
+            ask(&d, op::RENAME, abi::ROOT_ID, &[1, 0, 0]).0,
+            -libc::EINVAL
+        );
+        // An opcode nearfs does not know.
+        assert_eq!(ask(&d, 4000, abi::ROOT_ID, &[]).0, -libc::ENOSYS);
+        // A batch of forgets that claims more entries than it has: no reply, no panic,
+        // and the file is still there.
+        let mut forget = Out::default();
+        forget.u32(u32::MAX).u32(0).u64(big.ino.0).u64(1);
+        let req = Request {
+            header: InHeader {
+                len: (abi::IN_HEADER + forget.0.len()) as u32,
+                opcode: op::BATCH_FORGET,
+                unique: 0,
+                nodeid: 0,
+                uid: 0,
+                gid: 0,
+                pid: 0,
+            },
+            args: Args(&forget.0),
+        };
+        Handler::handle(&d, req, Reply::none());
+        assert!(fs.getattr(big.ino).is_ok());
     }
 }

@@ -76,7 +76,7 @@ impl Reply {
     }
 
     /// A reply for a request the kernel expects no answer to.
-    fn none() -> Reply {
+    pub(crate) fn none() -> Reply {
         Reply {
             unique: 0,
             sender: None,
@@ -103,16 +103,24 @@ impl Reply {
         self.data(&[&[0; 16], output]);
     }
 
+    /// A reply to `unique` written to `file` (tests read it back from a pipe).
+    #[cfg(test)]
+    pub(crate) fn to_file(unique: u64, file: File) -> Reply {
+        Reply::new(unique, Sender::Dev(Arc::new(file)))
+    }
+
     fn send(&mut self, error: i32, parts: &[&[u8]]) {
         let Some(sender) = self.sender.take() else {
             return;
         };
         let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut header = abi::Out::with_capacity(abi::OUT_HEADER);
-        header.u32(len as u32).i32(error).u64(self.unique);
+        let mut header = [0u8; abi::OUT_HEADER];
+        header[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        header[4..8].copy_from_slice(&error.to_le_bytes());
+        header[8..].copy_from_slice(&self.unique.to_le_bytes());
         let result = match sender {
-            Sender::Dev(dev) => write_parts(&dev, &header.0, parts),
-            Sender::Ring(entry) => entry.commit(&header.0, parts),
+            Sender::Dev(dev) => write_parts(&dev, &header, parts),
+            Sender::Ring(entry) => entry.commit(&header, parts),
         };
         // ENOENT: the request was interrupted and is gone; nothing to do.
         if let Err(e) = result
